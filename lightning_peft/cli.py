@@ -1,0 +1,67 @@
+"""The ``lightning-peft`` command: LightningCLI (fit, validate, test, predict) plus ``export``.
+
+```bash
+lightning-peft fit --config examples/quickstart.yaml
+lightning-peft export --ckpt_path runs/quickstart/checkpoints/last.ckpt --out merged/ --merge true
+```
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_peft.modules import PeftModule, _plain
+
+
+class PeftCLI(LightningCLI):
+    """LightningCLI whose ``optimizer:`` / ``lr_scheduler:`` sections are handed to the module.
+
+    The module builds the optimizer itself from the head's parameter groups (so per-group learning
+    rates and frozen parameters are respected) instead of ``model.parameters()``.
+    """
+
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        optimizer = self._get(self.config_init, "optimizer")
+        scheduler = self._get(self.config_init, "lr_scheduler")
+        if optimizer and isinstance(self.model, PeftModule):
+            self.model.set_optimizer(_plain(optimizer), _plain(scheduler) if scheduler else None)
+        elif optimizer:
+            super()._add_configure_optimizers_method_to_model(subcommand)
+
+
+def export_main(argv: list[str]) -> dict[str, Any]:
+    from jsonargparse import ArgumentParser
+
+    from lightning_peft.export import export
+
+    parser = ArgumentParser(prog="lightning-peft export", description=export.__doc__)
+    parser.add_function_arguments(export)
+    cfg = parser.parse_args(argv)
+    report = export(**cfg.as_dict())
+    diff = report.get("max_abs_logit_diff")
+    check = f"; reloaded and checked: max |Δlogit| = {diff:.2e}" if diff is not None else ""
+    print(f"Exported to {report['out']} ({', '.join(report['files'])}){check}")
+    return report
+
+
+def main(args: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "export":
+        export_main(argv[1:])
+        return
+    PeftCLI(
+        PeftModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )
+
+
+if __name__ == "__main__":
+    main()
