@@ -80,7 +80,9 @@ def _preset_config(name: str, vocab_size: int, overrides: dict[str, Any] | None)
     from transformers import BertConfig, GPT2Config, LlamaConfig
 
     overrides = dict(overrides or {})
-    specials = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    # initializer_range 0.2 (HF default 0.02): random features are then diverse enough that every head
+    # has leverage on the output, as on a trained model; with 0.02 the logits are nearly uniform.
+    specials = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
     if name == "tiny-llama":
         kw = dict(
             vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

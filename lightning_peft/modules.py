@@ -112,8 +112,7 @@ class PeftModule(L.LightningModule):
     # ----------------------------------------------------------------- forward
     def forward(self, batch: dict[str, Any]) -> Any:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
-        if getattr(self.head, "own_loss", False):
-            inputs["labels"] = batch["labels"]
+        inputs.update(self.head.forward_inputs(batch))
         return self.model(**inputs)
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

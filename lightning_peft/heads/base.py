@@ -98,6 +98,10 @@ class Head:
         """Optimizer groups. A group may carry ``lr_scale`` (multiplies the base learning rate)."""
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
+    def forward_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Extra keyword arguments the attached model needs from the batch (default: none)."""
+        return {}
+
     # ----------------------------------------------------------------- training hooks
     def on_fit_start(self, model: nn.Module, total_steps: int) -> None:
         """Called once the number of optimizer steps is known."""

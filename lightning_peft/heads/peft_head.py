@@ -70,6 +70,12 @@ class PeftHead(PeftBackedHead):
         if self.peft_type not in known:
             raise HeadError(f"Unknown peft_type {config['peft_type']!r}; choose one of {', '.join(known)}.")
         self.fields = {k: v for k, v in config.items() if k != "peft_type"}
+        if self.peft_type == "CPT" and "cpt_token_ids" in self.fields:
+            # Proposal (peft has no usable default): the context tokens all count, as one input
+            # template that ends in an output token, so response tokens keep their label type.
+            n = len(self.fields["cpt_token_ids"])
+            self.fields.setdefault("cpt_mask", [1] * n)
+            self.fields.setdefault("cpt_tokens_type_mask", [1] * (n - 1) + [4])
         self.target_modules = self.fields.get("target_modules")
         self._user_total_step = "total_step" in self.fields
 
@@ -92,6 +98,14 @@ class PeftHead(PeftBackedHead):
     @property
     def tasks(self) -> tuple[str, ...]:  # type: ignore[override]
         return ("causal-lm",) if self.peft_type in CAUSAL_ONLY else ("causal-lm", "sequence-classification")
+
+    def forward_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.peft_type != "CPT":
+            return {}
+        labels = batch["labels"]
+        # CPT token types: 4 marks tokens whose labels count, 1 the rest; 0 is padding
+        types = torch.where(labels != -100, 4, 1) * batch["attention_mask"].to(labels.dtype)
+        return {"labels": labels, "input_type_mask": types}
 
     def peft_config(self, model: nn.Module):
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING

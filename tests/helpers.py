@@ -1,0 +1,75 @@
+"""Builders shared by the tests: generated batches and a bare training loop (no Trainer overhead)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def causal_batch(n: int = 8, length: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A counting task over the digit bytes: each digit is followed by the next one (mod 10).
+
+    The first 3 digits are prompt (labels -100), the rest are response.
+    """
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, 10, (n, 1), generator=g)
+    digits = (start + torch.arange(length)) % 10 + 19  # byte tokenizer: "0" is id 19
+    ids = torch.cat([torch.ones(n, 1, dtype=torch.long), digits], dim=1)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def class_batch(n: int = 8, length: int = 12, num_labels: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 260, (n, length), generator=g)
+    ids[:, 0] = 1
+    labels = torch.arange(n) % num_labels
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def batch_for(module, seed: int = 0) -> dict[str, torch.Tensor]:
+    return causal_batch(seed=seed) if module.task == "causal-lm" else class_batch(seed=seed)
+
+
+def train_steps(module, batch, steps: int, lr: float = 1e-2, weight_decay: float = 0.01) -> list[float]:
+    """Optimizer steps exactly as the module would take them under the Trainer (hooks included)."""
+    module.set_optimizer("torch.optim.AdamW", lr=lr, weight_decay=weight_decay)
+    opt = module.configure_optimizers()
+    module.head.on_fit_start(module.model, max(steps, 100))
+    module.train()
+    losses = []
+    for step in range(steps):
+        loss, _ = module.compute_loss(batch)
+        reg = module.head.regularization_loss(module.model)
+        (loss if reg is None else loss + reg).backward()
+        opt.step()
+        module.head.on_optimizer_step(module.model, step + 1)
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    module.eval()
+    return losses
+
+
+def logits(module_or_model, batch) -> torch.Tensor:
+    from lightning_peft.modules import PeftModule
+
+    model = module_or_model.model if isinstance(module_or_model, PeftModule) else module_or_model
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if out.dim() == 3 and out.shape[1] > batch["input_ids"].shape[1]:
+        out = out[:, -batch["input_ids"].shape[1]:]
+    return out
+
+
+def has_shared_data() -> bool:
+    return SHARED_DATA.is_dir()
+
+
+def cpu_threads() -> None:
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

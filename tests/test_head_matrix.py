@@ -1,0 +1,127 @@
+"""The shared head matrix: every head x {tiny-llama causal LM, tiny-bert classifier}.
+
+A new head joins with one line in HEAD_CASES: a name and a factory taking the backbone's module names.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import batch_for, logits, train_steps
+
+from lightning_peft import CausalLM, SequenceClassifier
+from lightning_peft.backbones import load_backbone
+from lightning_peft.heads import FullFineTune, LoRA, PeftHead
+
+# module names per backbone: attention q/k/v, an FFN output layer
+NAMES = {
+    "tiny-llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "ff": "down_proj"},
+    "tiny-bert": {"q": "query", "k": "key", "v": "value", "ff": None},
+}
+
+
+def _ia3(n):
+    targets = [n["k"], n["v"]] + ([n["ff"]] if n["ff"] else [])
+    return PeftHead({"peft_type": "IA3", "target_modules": targets, "feedforward_modules": [n["ff"]] if n["ff"] else []})
+
+
+HEAD_CASES = {
+    "full": lambda n: FullFineTune(),
+    "lora": lambda n: LoRA(r=4, alpha=8, target_modules=[n["q"], n["v"]]),
+    "lora-all-linear": lambda n: LoRA(r=2, alpha=4, target_modules="all-linear"),
+    "dora-rslora": lambda n: LoRA(r=4, alpha=8, target_modules=[n["q"], n["v"]], use_dora=True, use_rslora=True),
+    "peft-lora": lambda n: PeftHead({"peft_type": "LORA", "r": 4, "target_modules": [n["q"], n["v"]]}),
+    "ia3": _ia3,
+    "adalora": lambda n: PeftHead({"peft_type": "ADALORA", "init_r": 4, "target_r": 2, "target_modules": [n["q"], n["v"]],
+                                   "tinit": 2, "tfinal": 2, "deltaT": 1, "total_step": 60}),
+    "prompt-tuning": lambda n: PeftHead({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}),
+    "prefix-tuning": lambda n: PeftHead({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}),
+    "oft": lambda n: PeftHead({"peft_type": "OFT", "target_modules": [n["q"], n["v"]], "oft_block_size": 16, "r": 0}),
+    "boft": lambda n: PeftHead({"peft_type": "BOFT", "target_modules": [n["q"], n["v"]], "boft_block_size": 4}),
+    "vera": lambda n: PeftHead({"peft_type": "VERA", "target_modules": [n["q"], n["k"]], "r": 8}),
+    # CPT projects its context deltas into an epsilon-ball (0.1 by default); on a random backbone that
+    # ball is too small to move the loss, so the matrix widens it
+    "cpt": lambda n: PeftHead({"peft_type": "CPT", "cpt_token_ids": [5, 6, 7, 8], "opt_projection_epsilon": 100.0,
+                               "opt_projection_format_epsilon": 100.0}),
+}
+# learning rate of the loss-falls test where the default 2e-2 does not suit the method
+LOSS_LR: dict[str, float] = {}
+BACKBONES = {"tiny-llama": CausalLM, "tiny-bert": SequenceClassifier}
+CASES = [
+    pytest.param(head, bb, id=f"{head}-{bb}")
+    for head in HEAD_CASES
+    for bb in BACKBONES
+    if not (head == "cpt" and bb == "tiny-bert")  # CPT is a causal-LM method
+]
+
+
+def build(head_name: str, backbone: str):
+    head = HEAD_CASES[head_name](NAMES[backbone])
+    cls = BACKBONES[backbone]
+    return cls(backbone=backbone, head=head) if cls is CausalLM else cls(backbone=backbone, num_labels=2, head=head)
+
+
+@pytest.mark.parametrize("head_name,backbone", CASES)
+def test_trainable_count_equals_formula(head_name, backbone):
+    module = build(head_name, backbone)
+    assert module.expected_trainable_parameters is not None, "every matrix head must state its formula"
+    assert module.trainable_parameters() == module.expected_trainable_parameters
+
+
+@pytest.mark.parametrize("head_name,backbone", CASES)
+def test_frozen_backbone_bit_identical_and_head_moves(head_name, backbone):
+    module = build(head_name, backbone)
+    frozen = {n: p.detach().clone() for n, p in module.model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+    if module.head.trains_backbone:
+        assert not frozen
+    train_steps(module, batch_for(module), steps=3, weight_decay=0.1)
+    params = dict(module.model.named_parameters())
+    for name, before in frozen.items():
+        assert torch.equal(params[name], before), f"frozen {name} moved"
+    assert any(not torch.equal(params[n], v) for n, v in trainable.items()), "no trainable parameter moved"
+
+
+@pytest.mark.parametrize("head_name,backbone", CASES)
+def test_identity_at_init(head_name, backbone):
+    module = build(head_name, backbone)
+    if not module.head.identity_at_init:
+        pytest.skip(f"{head_name} does not promise identity at init")
+    bare, _ = load_backbone(backbone, task=module.task, num_labels=2)
+    batch = batch_for(module)
+    torch.testing.assert_close(logits(module, batch), logits(bare.eval(), batch), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_name,backbone", CASES)
+def test_save_load_reproduces_outputs(head_name, backbone, tmp_path):
+    module = build(head_name, backbone)
+    batch = batch_for(module)
+    train_steps(module, batch, steps=2)
+    module.head.save(module.model, str(tmp_path))
+    fresh = build(head_name, backbone).eval()
+    assert not torch.equal(logits(fresh, batch), logits(module, batch))
+    fresh.head.load(fresh.model, str(tmp_path))
+    assert torch.equal(logits(fresh, batch), logits(module, batch))
+
+
+@pytest.mark.parametrize("head_name,backbone", CASES)
+def test_merged_equals_unmerged(head_name, backbone):
+    module = build(head_name, backbone)
+    if not module.head.mergeable:
+        pytest.skip(f"{head_name} does not merge")
+    batch = batch_for(module)
+    train_steps(module, batch, steps=3)
+    module.double()  # compare in float64: float32 re-association alone reaches ~2e-5 on logits of size ~10
+    expected = logits(module, batch)
+    merged = module.head.merge(copy.deepcopy(module.model)).eval()
+    assert not any("lora" in n or "ia3" in n or "oft" in n or "vera" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(logits(merged, batch), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_name,backbone", CASES)
+def test_loss_falls_within_50_steps(head_name, backbone):
+    module = build(head_name, backbone)
+    losses = train_steps(module, batch_for(module), steps=50, lr=LOSS_LR.get(head_name, 2e-2), weight_decay=0.0)
+    assert sum(losses[-5:]) / 5 < 0.8 * losses[0], losses[::10]
