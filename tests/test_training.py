@@ -1,0 +1,198 @@
+"""Trainer-level behaviour: adapter-only checkpoints, exact resume, CLI, export, per-group LRs."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import lightning as L
+import pytest
+import torch
+from helpers import REPO, causal_batch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_peft import CausalLM, SequenceClassifier
+from lightning_peft.checkpoints import load_module
+from lightning_peft.cli import main
+from lightning_peft.datamodules import SyntheticSFTDataModule
+from lightning_peft.export import export
+from lightning_peft.heads import FullFineTune, LoRA, PeftHead
+
+QUICKSTART = str(REPO / "examples" / "quickstart.yaml")
+
+
+def _trainer(root, max_steps, callbacks=(), **kw):
+    return L.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, default_root_dir=str(root), logger=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, callbacks=list(callbacks), **kw,
+    )
+
+
+def _data():
+    return SyntheticSFTDataModule(num_train=48, num_val=8, batch_size=8, num_digits=2, seed=0)
+
+
+def _module(head=None):
+    module = CausalLM(backbone="tiny-llama", head=head or LoRA(r=4, target_modules=["q_proj", "v_proj"]))
+    module.set_optimizer("torch.optim.AdamW", lr=1e-2, weight_decay=0.01)
+    return module
+
+
+def _trainable(module):
+    return {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+
+
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
+    """6 batches per epoch; interrupt at step 4 (mid-epoch), resume to step 10 (crosses an epoch)."""
+    L.seed_everything(0)
+    full = _module()
+    _trainer(tmp_path / "a", 10).fit(full, datamodule=_data())
+
+    L.seed_everything(0)
+    first = _module()
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "b"), every_n_train_steps=4, save_top_k=-1)
+    _trainer(tmp_path / "b", 4, [ckpt]).fit(first, datamodule=_data())
+    path = glob.glob(str(tmp_path / "b" / "*step=4*.ckpt"))[0]
+    L.seed_everything(123)  # the resumed run must not depend on the global seed
+    resumed = _module()
+    _trainer(tmp_path / "c", 10).fit(resumed, datamodule=_data(), ckpt_path=path)
+
+    a, b = _trainable(full), _trainable(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+    # and the run really moved
+    assert any(not torch.equal(a[n], v) for n, v in _trainable(_module()).items())
+
+
+def test_checkpoint_is_adapter_only_and_loads_weights_only(tmp_path):
+    module = _module()
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), save_last=True)
+    _trainer(tmp_path, 3, [ckpt]).fit(module, datamodule=_data())
+    raw = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    expected = {f"model.{n}" for n, p in module.model.named_parameters() if p.requires_grad}
+    assert set(raw["state_dict"]) == expected
+    assert raw["hyper_parameters"]["head"]["class_path"] == "lightning_peft.heads.lora.LoRA"
+    assert "optimizer_states" in raw and "loops" in raw
+    reloaded = load_module(str(tmp_path / "last.ckpt"))
+    batch = causal_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
+                                   module.eval().model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
+                                   rtol=0, atol=0)
+
+
+def test_full_finetune_checkpoint_holds_everything(tmp_path):
+    module = _module(FullFineTune())
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), save_last=True)
+    _trainer(tmp_path, 2, [ckpt]).fit(module, datamodule=_data())
+    raw = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert set(raw["state_dict"]) == set(module.state_dict())
+
+
+def test_checkpoint_with_other_head_is_refused(tmp_path):
+    module = _module()
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), save_last=True)
+    _trainer(tmp_path, 1, [ckpt]).fit(module, datamodule=_data())
+    other = _module(LoRA(r=8, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match="trained with head"):
+        _trainer(tmp_path / "x", 2).fit(other, datamodule=_data(), ckpt_path=str(tmp_path / "last.ckpt"))
+
+
+def test_loraplus_param_groups_get_scaled_lr():
+    module = CausalLM(head=LoRA(r=4, target_modules=["q_proj"], loraplus_lr_ratio=16))
+    module.set_optimizer("torch.optim.AdamW", lr=1e-3)
+    opt = module.configure_optimizers()
+    lrs = sorted(g["lr"] for g in opt.param_groups)
+    assert lrs == [1e-3, pytest.approx(16e-3)]
+    b_params = {id(p) for n, p in module.model.named_parameters() if "lora_B" in n}
+    big = [g for g in opt.param_groups if g["lr"] > 1e-3][0]
+    assert {id(p) for p in big["params"]} == b_params
+
+
+def test_adalora_allocator_is_stepped_by_the_trainer(tmp_path):
+    head = PeftHead({"peft_type": "ADALORA", "init_r": 4, "target_r": 1, "target_modules": ["q_proj", "v_proj"],
+                     "tinit": 1, "tfinal": 1, "deltaT": 1})
+    module = _module(head)
+    _trainer(tmp_path, 8).fit(module, datamodule=_data())
+    cfg = module.model.peft_config["default"]
+    assert cfg.total_step == 8  # filled in from the run
+    assert cfg.rank_pattern, "update_and_allocate never ran"
+    kept = sum(int(sum(v)) for v in cfg.rank_pattern.values())
+    assert kept == 1 * 4  # target_r per module x 4 modules: the budget was reached
+
+
+def test_cli_fit_export_merged_and_reload(tmp_path):
+    root = tmp_path / "run"
+    main(["fit", "--config", QUICKSTART, "--trainer.max_steps", "4", "--trainer.max_epochs", "1",
+          "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+          "--trainer.limit_val_batches", "2", "--data.init_args.num_train", "256"])
+    last = glob.glob(str(root / "**" / "last.ckpt"), recursive=True)
+    assert last, "quickstart must save last.ckpt"
+    out = tmp_path / "merged"
+    report = export(last[0], str(out), merge=True)
+    assert report["max_abs_logit_diff"] <= 1e-5
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    trained = load_module(last[0])
+    batch = causal_batch()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, trained.model(**inputs).logits, rtol=0, atol=1e-5)
+    # the saved config.yaml re-runs the run
+    config = glob.glob(str(root / "**" / "config.yaml"), recursive=True)[0]
+    main(["fit", "--config", config, "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path / "rerun"),
+          "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0"])
+    assert glob.glob(str(tmp_path / "rerun" / "**" / "*.ckpt"), recursive=True)
+
+
+def test_cli_peft_head_override_and_unmerged_peft_export(tmp_path):
+    root = tmp_path / "run"
+    main(["fit", "--config", QUICKSTART, "--trainer.max_steps", "3", "--trainer.default_root_dir", str(root),
+          "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
+          "--model.head", "lightning_peft.heads.PeftHead", "--model.head.config",
+          '{"peft_type": "IA3", "target_modules": ["k_proj","v_proj","down_proj"], "feedforward_modules": ["down_proj"]}'])
+    last = glob.glob(str(root / "**" / "last.ckpt"), recursive=True)[0]
+    trained = load_module(last)
+    assert trained.head.peft_type == "IA3"
+    out = tmp_path / "adapter"
+    export(last, str(out), merge=False)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
+    from peft import PeftModel
+
+    from lightning_peft.backbones import load_backbone
+
+    base, _ = load_backbone("tiny-llama")
+    loaded = PeftModel.from_pretrained(base, str(out)).eval()
+    batch = causal_batch()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, trained.model(**inputs).logits, rtol=0, atol=1e-5)
+    # the adapter is not a no-op: without it the logits differ
+    with loaded.disable_adapter(), torch.no_grad():
+        assert not torch.allclose(loaded(**inputs).logits, trained.model(**inputs).logits, atol=1e-4)
+
+
+def test_classifier_trains_and_exports(tmp_path):
+    from lightning_peft.datamodules import ClassificationDataModule
+
+    path = tmp_path / "train.jsonl"
+    import json
+
+    with open(path, "w") as f:
+        for i in range(64):
+            f.write(json.dumps({"text": ("good " if i % 2 else "bad ") * 3, "label": ["neg", "pos"][i % 2]}) + "\n")
+    data = ClassificationDataModule(train_file=str(path), label_names=["neg", "pos"], val_fraction=0.25,
+                                    batch_size=8, max_length=32)
+    module = SequenceClassifier(backbone="tiny-bert", num_labels=2, head=LoRA(r=4, target_modules=["query", "value"]))
+    module.set_optimizer("torch.optim.AdamW", lr=1e-2)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[ckpt])
+    trainer.fit(module, datamodule=data)
+    metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
+    assert metrics["val/acc"] == 1.0  # a separable toy task
+    report = export(str(tmp_path / "ck" / "last.ckpt"), str(tmp_path / "merged"), merge=True)
+    assert report["max_abs_logit_diff"] <= 1e-5
