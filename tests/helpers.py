@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning as L
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,3 +74,17 @@ def has_shared_data() -> bool:
 
 def cpu_threads() -> None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+class DumpTrainable(L.Callback):
+    """Writes each rank's parameters (and which are trainable) at the end of fit."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        os.makedirs(self.out_dir, exist_ok=True)
+        state = {n: p.detach().cpu() for n, p in pl_module.model.named_parameters()}
+        trainable = sorted(n for n, p in pl_module.model.named_parameters() if p.requires_grad)
+        torch.save({"params": state, "trainable": trainable, "step": trainer.global_step},
+                   os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
