@@ -1,0 +1,25 @@
+"""DataModules: files (or a generated task) -> tokenized, prompt-masked, padded batches.
+
+* :class:`SFTDataModule` — prompt/response pairs for causal LMs (labels ``-100`` on the prompt).
+* :class:`ClassificationDataModule` — text (or text pairs) with class labels.
+* :class:`SyntheticSFTDataModule` — a generated task (addition, copy) for offline runs and tests.
+
+Every DataModule shuffles with a seeded, resumable sampler, takes an optional
+:class:`~lightning_peft.datamodules.pruning.BatchPruner`, and raises :class:`DataError` (a
+``ValueError``) with one sentence naming the bad value and the fix.
+"""
+
+from .classification import ClassificationDataModule
+from .common import DataError, ResumableSampler
+from .pruning import BatchPruner
+from .sft import SFTDataModule
+from .synthetic import SyntheticSFTDataModule
+
+__all__ = [
+    "BatchPruner",
+    "ClassificationDataModule",
+    "DataError",
+    "ResumableSampler",
+    "SFTDataModule",
+    "SyntheticSFTDataModule",
+]
