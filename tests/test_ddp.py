@@ -25,7 +25,7 @@ def test_quickstart_ddp_two_cpu_ranks_identical(tmp_path):
            "--config", str(extra), "--trainer.strategy", "ddp", "--trainer.devices", "2",
            "--trainer.accelerator", "cpu", "--trainer.max_steps", "6", "--trainer.limit_val_batches", "2",
            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
-           "--data.init_args.num_train", "512"]
+           "--data.init_args.num_train", "512", "--trainer.val_check_interval", "1.0"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "dump" / "rank0.pt", weights_only=True)

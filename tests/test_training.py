@@ -127,7 +127,7 @@ def test_cli_fit_export_merged_and_reload(tmp_path):
     root = tmp_path / "run"
     main(["fit", "--config", QUICKSTART, "--trainer.max_steps", "4", "--trainer.max_epochs", "1",
           "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-          "--trainer.limit_val_batches", "2", "--data.init_args.num_train", "256"])
+          "--trainer.limit_val_batches", "2", "--data.init_args.num_train", "256", "--trainer.val_check_interval", "1.0"])
     last = glob.glob(str(root / "**" / "last.ckpt"), recursive=True)
     assert last, "quickstart must save last.ckpt"
     out = tmp_path / "merged"
