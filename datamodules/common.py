@@ -416,6 +416,10 @@ class BaseDataModule(L.LightningDataModule):
             raise DataError(f"{type(self).__name__} has no test data; set test_file (and call setup('test')).")
         return self._eval_loader("test")
 
+    def predict_dataloader(self) -> DataLoader | list:
+        """Predictions run over the test split."""
+        return self.test_dataloader()
+
     # ------------------------------------------------------------------ pruning
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer

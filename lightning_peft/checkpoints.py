@@ -19,7 +19,7 @@ def read_checkpoint(path: str) -> dict[str, Any]:
 
 
 def module_class(checkpoint: dict[str, Any]) -> type[PeftModule]:
-    path = (checkpoint.get("hyper_parameters") or {}).get("module_class", "lightning_peft.CausalLM")
+    path = checkpoint.get("module_class", "lightning_peft.CausalLM")
     module_name, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module_name), name)
 

@@ -74,7 +74,6 @@ class PeftModule(L.LightningModule):
         self.save_hyperparameters(ignore=["head", "objective"])
         self.hparams["head"] = head.config()
         self.hparams["backbone_config"] = _plain(backbone_config)
-        self.hparams["module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
         model, tokenizer = load_backbone(
             backbone, task=self.task, num_labels=num_labels, dtype=dtype,
             gradient_checkpointing=gradient_checkpointing, gguf_file=gguf_file,
@@ -184,6 +183,7 @@ class PeftModule(L.LightningModule):
         return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
         if self.full_checkpoint:
             return
         keep = self.trainable_state_keys()

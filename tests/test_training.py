@@ -196,3 +196,63 @@ def test_classifier_trains_and_exports(tmp_path):
     assert metrics["val/acc"] == 1.0  # a separable toy task
     report = export(str(tmp_path / "ck" / "last.ckpt"), str(tmp_path / "merged"), merge=True)
     assert report["max_abs_logit_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_cli_other_subcommands_run_on_a_checkpoint(subcommand, tmp_path):
+    root = tmp_path / "run"
+    main(["fit", "--config", QUICKSTART, "--trainer.max_steps", "2", "--trainer.default_root_dir", str(root),
+          "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
+          "--data.init_args.num_train", "64", "--data.init_args.num_val", "16"])
+    last = glob.glob(str(root / "**" / "last.ckpt"), recursive=True)[0]
+    cli_args = [subcommand, "--config", QUICKSTART, "--ckpt_path", last, "--trainer.enable_progress_bar", "false",
+                "--trainer.default_root_dir", str(tmp_path / subcommand), "--data.init_args.num_train", "64",
+                "--data.init_args.num_val", "16", "--trainer.callbacks", "[]"]
+    main(cli_args)
+
+
+def test_objective_honours_ignore_index_and_token_weights():
+    from lightning_peft.objectives import TokenCrossEntropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, 1, 2, -100, 3], [-100, -100, 4, 5, 6]])
+    weights = torch.tensor([[0.0, 1.0, 0.5, 1.0, 2.0], [0.0, 0.0, 1.0, 1.0, 0.0]])
+    loss = TokenCrossEntropy()(logits, {"labels": labels, "token_weights": weights})
+    # brute force: position t predicts labels[t] from logits[t-1]
+    num, den = 0.0, 0.0
+    for b in range(2):
+        for t in range(1, 5):
+            if labels[b, t] != -100:
+                ce = -torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]]
+                num += weights[b, t] * ce
+                den += weights[b, t]
+    torch.testing.assert_close(loss, num / den)
+    plain = TokenCrossEntropy()(logits, {"labels": labels})
+    valid = [(b, t) for b in range(2) for t in range(1, 5) if labels[b, t] != -100]
+    manual = sum(-torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]] for b, t in valid) / len(valid)
+    torch.testing.assert_close(plain, manual)
+
+
+def test_gradient_checkpointing_and_local_folder_backbone(tmp_path):
+    from lightning_peft.backbones import load_backbone
+
+    model, tok = load_backbone("tiny-llama")
+    model.save_pretrained(tmp_path / "folder")
+    tok.save_pretrained(tmp_path / "folder")
+    batch = causal_batch()
+    torch.manual_seed(0)  # LoRA's A matrices are drawn from the global generator
+    plain = CausalLM(backbone="tiny-llama", head=LoRA(r=4, target_modules=["q_proj"]))
+    torch.manual_seed(0)
+    ckpt = CausalLM(backbone=str(tmp_path / "folder"), head=LoRA(r=4, target_modules=["q_proj"]),
+                    gradient_checkpointing=True)
+    assert ckpt.model.base_model.model.is_gradient_checkpointing
+    plain.train(), ckpt.train()
+    losses = []
+    for m in (plain, ckpt):
+        loss, _ = m.compute_loss(batch)
+        loss.backward()
+        losses.append((loss.detach(), {n: p.grad.clone() for n, p in m.model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(losses[0][0], losses[1][0])
+    for n in losses[0][1]:
+        torch.testing.assert_close(losses[0][1][n], losses[1][1][n])
