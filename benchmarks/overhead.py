@@ -108,7 +108,7 @@ def main() -> None:
           f"torch {torch.__version__} · lightning {L.__version__}")
     print(f"model: tiny-llama {CONFIG} + LoRA {LORA}; batch {args.batch} x {args.length}; "
           f"{args.rounds} interleaved rounds x {args.steps} timed steps")
-    print(f"| variant | median step (ms) | p10 (ms) | p90 (ms) | ratio to plain |")
+    print("| variant | median step (ms) | p10 (ms) | p90 (ms) | ratio to plain |")
     print("|---|---|---|---|---|")
     for name, ts in results.items():
         q = statistics.quantiles(ts, n=10)

@@ -48,7 +48,7 @@ def export(ckpt_path: str, out: str, merge: bool = True, verify: bool = True, at
         merged = head.merge(module.model)
         merged.save_pretrained(out)
         module.tokenizer.save_pretrained(out)
-        reload = lambda: _auto_class(module).from_pretrained(out)  # noqa: E731
+        reload = lambda: _auto_class(module).from_pretrained(out)
     elif isinstance(head, PeftBackedHead):
         head.export_adapter(module.model, out)
         module.tokenizer.save_pretrained(out)

@@ -168,7 +168,8 @@ class PeftModule(L.LightningModule):
         if not self.lr_scheduler_init:
             return optimizer
         scheduler = instantiate_class(optimizer, _plain(self.lr_scheduler_init))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}
+        schedule = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     # ----------------------------------------------------------------- head hooks
     def on_fit_start(self) -> None:

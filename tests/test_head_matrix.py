@@ -24,7 +24,8 @@ NAMES = {
 
 def _ia3(n):
     targets = [n["k"], n["v"]] + ([n["ff"]] if n["ff"] else [])
-    return PeftHead({"peft_type": "IA3", "target_modules": targets, "feedforward_modules": [n["ff"]] if n["ff"] else []})
+    ff = [n["ff"]] if n["ff"] else []
+    return PeftHead({"peft_type": "IA3", "target_modules": targets, "feedforward_modules": ff})
 
 
 HEAD_CASES = {
@@ -34,7 +35,8 @@ HEAD_CASES = {
     "dora-rslora": lambda n: LoRA(r=4, alpha=8, target_modules=[n["q"], n["v"]], use_dora=True, use_rslora=True),
     "peft-lora": lambda n: PeftHead({"peft_type": "LORA", "r": 4, "target_modules": [n["q"], n["v"]]}),
     "ia3": _ia3,
-    "adalora": lambda n: PeftHead({"peft_type": "ADALORA", "init_r": 4, "target_r": 2, "target_modules": [n["q"], n["v"]],
+    "adalora": lambda n: PeftHead({"peft_type": "ADALORA", "init_r": 4, "target_r": 2,
+                                   "target_modules": [n["q"], n["v"]],
                                    "tinit": 2, "tfinal": 2, "deltaT": 1, "total_step": 60}),
     "prompt-tuning": lambda n: PeftHead({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}),
     "prefix-tuning": lambda n: PeftHead({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}),

@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import REPO, causal_batch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_peft.datamodules import SyntheticSFTDataModule
 
 from lightning_peft import CausalLM, SequenceClassifier
 from lightning_peft.checkpoints import load_module
 from lightning_peft.cli import main
-from lightning_peft.datamodules import SyntheticSFTDataModule
 from lightning_peft.export import export
 from lightning_peft.heads import FullFineTune, LoRA, PeftHead
 
@@ -127,7 +127,8 @@ def test_cli_fit_export_merged_and_reload(tmp_path):
     root = tmp_path / "run"
     main(["fit", "--config", QUICKSTART, "--trainer.max_steps", "4", "--trainer.max_epochs", "1",
           "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-          "--trainer.limit_val_batches", "2", "--data.init_args.num_train", "256", "--trainer.val_check_interval", "1.0"])
+          "--trainer.limit_val_batches", "2", "--data.init_args.num_train", "256",
+          "--trainer.val_check_interval", "1.0"])
     last = glob.glob(str(root / "**" / "last.ckpt"), recursive=True)
     assert last, "quickstart must save last.ckpt"
     out = tmp_path / "merged"
@@ -153,7 +154,8 @@ def test_cli_peft_head_override_and_unmerged_peft_export(tmp_path):
     main(["fit", "--config", QUICKSTART, "--trainer.max_steps", "3", "--trainer.default_root_dir", str(root),
           "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
           "--model.head", "lightning_peft.heads.PeftHead", "--model.head.config",
-          '{"peft_type": "IA3", "target_modules": ["k_proj","v_proj","down_proj"], "feedforward_modules": ["down_proj"]}'])
+          '{"peft_type": "IA3", "target_modules": ["k_proj","v_proj","down_proj"], '
+          '"feedforward_modules": ["down_proj"]}'])
     last = glob.glob(str(root / "**" / "last.ckpt"), recursive=True)[0]
     trained = load_module(last)
     assert trained.head.peft_type == "IA3"
