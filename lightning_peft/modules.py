@@ -185,6 +185,7 @@ class PeftModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint["head_extra_state"] = self.head.extra_state(self.model)
         if self.full_checkpoint:
             return
         keep = self.trainable_state_keys()
@@ -198,6 +199,7 @@ class PeftModule(L.LightningModule):
                 f"Checkpoint was trained with head {saved} but this model has {self.head.config()}; "
                 "build the model with the checkpoint's head (or use `load_from_checkpoint`)."
             )
+        self.head.load_extra_state(self.model, checkpoint.get("head_extra_state") or {})
         if checkpoint.get("adapter_only"):
             missing = self.trainable_state_keys() - set(checkpoint["state_dict"])
             if missing:

@@ -43,19 +43,28 @@ def _trainable(module):
     return {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
 
 
-def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
+def _adalora():
+    return PeftHead({"peft_type": "ADALORA", "init_r": 4, "target_r": 2, "target_modules": ["q_proj", "v_proj"],
+                     "tinit": 1, "tfinal": 2, "deltaT": 1, "total_step": 10})
+
+
+@pytest.mark.parametrize("make_head", [None, _adalora], ids=["lora", "adalora"])
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path, make_head):
     """6 batches per epoch; interrupt at step 4 (mid-epoch), resume to step 10 (crosses an epoch)."""
+    def build():
+        return _module(make_head() if make_head else None)
+
     L.seed_everything(0)
-    full = _module()
+    full = build()
     _trainer(tmp_path / "a", 10).fit(full, datamodule=_data())
 
     L.seed_everything(0)
-    first = _module()
+    first = build()
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "b"), every_n_train_steps=4, save_top_k=-1)
     _trainer(tmp_path / "b", 4, [ckpt]).fit(first, datamodule=_data())
     path = glob.glob(str(tmp_path / "b" / "*step=4*.ckpt"))[0]
     L.seed_everything(123)  # the resumed run must not depend on the global seed
-    resumed = _module()
+    resumed = build()
     _trainer(tmp_path / "c", 10).fit(resumed, datamodule=_data(), ckpt_path=path)
 
     a, b = _trainable(full), _trainable(resumed)
@@ -63,7 +72,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
     # and the run really moved
-    assert any(not torch.equal(a[n], v) for n, v in _trainable(_module()).items())
+    assert any(not torch.equal(a[n], v) for n, v in _trainable(build()).items())
 
 
 def test_checkpoint_is_adapter_only_and_loads_weights_only(tmp_path):

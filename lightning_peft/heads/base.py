@@ -134,6 +134,13 @@ class Head:
             for name, value in state.items():
                 params[name].copy_(value)
 
+    def extra_state(self, model: nn.Module) -> dict[str, Any]:
+        """Training state that is not a parameter (plain values and tensors), kept in checkpoints."""
+        return {}
+
+    def load_extra_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
     def save(self, model: nn.Module, directory: str) -> None:
         """Write ``head_config.json`` and ``head.safetensors`` (only the head's state)."""
         from safetensors.torch import save_file

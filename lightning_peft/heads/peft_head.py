@@ -180,6 +180,29 @@ class PeftHead(PeftBackedHead):
         if self.peft_type == "ADALORA":
             model.base_model.update_and_allocate(global_step)
 
+    def extra_state(self, model: nn.Module) -> dict[str, Any]:
+        """AdaLoRA: the rank allocator's importance averages and the rank pattern, so resume is exact."""
+        if self.peft_type != "ADALORA":
+            return {}
+        alloc = model.base_model.rankallocator
+        cfg = model.peft_config["default"]
+        state = {k: {n: t.detach().clone() for n, t in getattr(alloc, k).items()}
+                 for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")}
+        state["rank_pattern"] = {n: [bool(x) for x in v] for n, v in (cfg.rank_pattern or {}).items()}
+        state["total_step"] = int(cfg.total_step)
+        return state
+
+    def load_extra_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        if self.peft_type != "ADALORA" or not state:
+            return
+        alloc = model.base_model.rankallocator
+        for k in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            getattr(alloc, k).clear()
+            getattr(alloc, k).update({n: t.clone() for n, t in state[k].items()})
+        cfg = model.peft_config["default"]
+        cfg.rank_pattern = dict(state["rank_pattern"]) or None
+        cfg.total_step = state["total_step"]
+
     def regularization_loss(self, model: nn.Module) -> torch.Tensor | None:
         """AdaLoRA's orthogonality penalty ``w * mean ||P P^T - I||_F^2`` over its P (A) and Q (B)."""
         if self.peft_type != "ADALORA":
