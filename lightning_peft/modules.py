@@ -142,6 +142,15 @@ class PeftModule(L.LightningModule):
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
         raise NotImplementedError
 
+    def _log_eval(self, stage: str) -> None:
+        raise NotImplementedError
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
     # ----------------------------------------------------------------- optimizer
     def set_optimizer(self, optimizer: dict[str, Any] | str = "torch.optim.AdamW",
                       lr_scheduler: dict[str, Any] | None = None, **init_args: Any) -> None:
@@ -268,12 +277,6 @@ class CausalLM(PeftModule):
         for metric in m.values():
             metric.reset()
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval("test")
-
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int = 32, **kwargs: Any) -> list[str]:
         """Greedy generation for quick looks (one prompt at a time; no padding subtleties)."""
@@ -347,12 +350,6 @@ class SequenceClassifier(PeftModule):
         self.log(f"{stage}/macro_f1", m["macro_f1"].compute())
         for metric in m.values():
             metric.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
         return self(batch).logits.argmax(-1)
