@@ -1,0 +1,7 @@
+"""Callbacks that steer training from the side (installed as ``lightning_peft.callbacks``).
+
+Each behaviour lives in its own file, uses only public Lightning hooks, keeps all of its state in
+``state_dict()`` and agrees across DDP ranks.
+"""
+
+__all__: list[str] = []
