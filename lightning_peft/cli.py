@@ -48,11 +48,26 @@ def export_main(argv: list[str]) -> dict[str, Any]:
     return report
 
 
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def embedded_default() -> str:
+    """The packaged copy of ``examples/quickstart.yaml`` (used when a subcommand gets no config)."""
+    from importlib.resources import files
+
+    return str(files("lightning_peft") / "configs" / "quickstart.yaml")
+
+
 def main(args: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "export":
         export_main(argv[1:])
         return
+    rest = argv[1:]
+    gives_config = any(a in ("-c", "--config") or a.startswith(("--config=", "--model", "--data")) for a in rest)
+    if argv and argv[0] in SUBCOMMANDS and not gives_config and not any(a in ("-h", "--help") for a in rest):
+        # `lightning-peft fit` alone runs the embedded default: tiny-llama + LoRA on a generated task
+        argv = [argv[0], "--config", embedded_default(), *rest]
     PeftCLI(
         PeftModule,
         L.LightningDataModule,

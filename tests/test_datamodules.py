@@ -9,6 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+from lightning_peft.backbones import build_byte_tokenizer
 from lightning_peft.datamodules import (
     ClassificationDataModule,
     DataError,
@@ -17,8 +19,6 @@ from lightning_peft.datamodules import (
 )
 from lightning_peft.datamodules.common import ResumableSampler
 from lightning_peft.datamodules.pruning import BatchPruner
-
-from lightning_peft.backbones import build_byte_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")

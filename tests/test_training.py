@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import REPO, causal_batch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning_peft.datamodules import SyntheticSFTDataModule
 
 from lightning_peft import CausalLM, SequenceClassifier
 from lightning_peft.checkpoints import load_module
 from lightning_peft.cli import main
+from lightning_peft.datamodules import SyntheticSFTDataModule
 from lightning_peft.export import export
 from lightning_peft.heads import FullFineTune, LoRA, PeftHead
 
@@ -267,3 +267,13 @@ def test_gradient_checkpointing_and_local_folder_backbone(tmp_path):
     torch.testing.assert_close(losses[0][0], losses[1][0])
     for n in losses[0][1]:
         torch.testing.assert_close(losses[0][1][n], losses[1][1][n])
+
+
+def test_embedded_default_is_the_quickstart_and_runs_without_a_config(tmp_path, monkeypatch):
+    from lightning_peft.cli import embedded_default
+
+    assert open(embedded_default()).read() == open(QUICKSTART).read(), "keep the two copies identical"
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
+          "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert glob.glob(str(tmp_path / "run" / "**" / "last.ckpt"), recursive=True)
