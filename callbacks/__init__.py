@@ -4,4 +4,7 @@ Each behaviour lives in its own file, uses only public Lightning hooks, keeps al
 ``state_dict()`` and agrees across DDP ranks.
 """
 
-__all__: list[str] = []
+from lightning_peft.callbacks.greentrainer import GreenTrainer
+from lightning_peft.callbacks.hft import HalfFineTuning
+
+__all__: list[str] = ["GreenTrainer", "HalfFineTuning"]
