@@ -11,7 +11,7 @@ Every DataModule shuffles with a seeded, resumable sampler, takes an optional
 
 from .classification import ClassificationDataModule
 from .common import DataError, ResumableSampler
-from .pruning import BatchPruner
+from .pruning import BatchPruner, QTuning, SSToken
 from .sft import SFTDataModule
 from .synthetic import SyntheticSFTDataModule
 
@@ -19,6 +19,8 @@ __all__ = [
     "BatchPruner",
     "ClassificationDataModule",
     "DataError",
+    "QTuning",
+    "SSToken",
     "ResumableSampler",
     "SFTDataModule",
     "SyntheticSFTDataModule",

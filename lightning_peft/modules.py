@@ -131,6 +131,8 @@ class PeftModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         if reg is not None:
             self.log("train/reg_loss", reg, batch_size=bs)
+        for name, value in (batch.get("pruning_stats") or {}).items():  # set by data pruners
+            self.log(f"pruning/{name}", float(value), batch_size=bs)
         return total
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
-from lightning_peft.datamodules import DataError, SyntheticSFTDataModule
 
 from lightning_peft import CausalLM, SequenceClassifier
 from lightning_peft.backbones import BackboneError, load_backbone
+from lightning_peft.datamodules import DataError, SyntheticSFTDataModule
 from lightning_peft.heads import HeadError, LoRA, PeftHead
 
 

@@ -2,12 +2,29 @@
 
 A pruner is given to a DataModule (``pruner=...``) and acts on every **training** batch after it
 reaches the device, from the DataModule's ``on_after_batch_transfer`` hook. Validation and test
-batches are never pruned. No concrete pruners live here yet; each one will get its own file.
+batches are never pruned. Each pruner has its own file:
+
+* :class:`~.qtuning.QTuning` — joint sample + token pruning on the Error-Uncertainty plane
+  (costs one extra no-grad forward; the training forward then runs on the kept rows only);
+* :class:`~.sstoken.SSToken` — per-sample token selection by retrospective excess loss and
+  last-layer attention to the prompt (reuses the training forward's per-token losses through the
+  objective's ``token_selector`` hook; no second forward with gradients).
+
+A pruner may put plain numbers under ``batch["pruning_stats"]``; the module logs them as
+``pruning/<name>`` every training step.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+PRUNING_STATS_KEY = "pruning_stats"
+
+
+def check_ratio(name: str, value: float) -> None:
+    """Raise ``ValueError`` unless ``0 < value <= 1``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{name}={value!r} must be in (0, 1]; e.g. {name}: 0.5 keeps half.")
 
 
 class BatchPruner:
@@ -35,4 +52,7 @@ class BatchPruner:
         return f"{type(self).__name__}()"
 
 
-__all__ = ["BatchPruner"]
+from .qtuning import QTuning  # noqa: E402
+from .sstoken import SSToken  # noqa: E402
+
+__all__ = ["BatchPruner", "QTuning", "SSToken", "check_ratio"]

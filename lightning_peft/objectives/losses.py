@@ -2,7 +2,10 @@
 
 ``TokenCrossEntropy`` predicts token ``t+1`` from position ``t``, ignores ``labels == -100`` and, when
 the batch carries ``token_weights`` (same shape as ``labels``, produced by data pruners), computes
-``sum_t w_t * ce_t / sum_t w_t`` over the valid positions.
+``sum_t w_t * ce_t / sum_t w_t`` over the valid positions. A pruner that selects tokens from the
+training forward's own per-token losses (ssToken) puts a callable under ``batch["token_selector"]``:
+it is called with the detached per-token losses (aligned with ``labels``; column 0 is 0) and the
+batch, and returns the ``token_weights`` to use, so no second forward is needed.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ class TokenCrossEntropy(Objective):
             ignore_index=IGNORE_INDEX, reduction="none", label_smoothing=self.label_smoothing,
         ).view_as(shift_labels)
         valid = (shift_labels != IGNORE_INDEX).to(ce.dtype)
+        selector = batch.get("token_selector")
+        if selector is not None:
+            token_loss = torch.cat([torch.zeros_like(ce[:, :1]), ce.detach()], dim=1)
+            batch[self.weights_key] = selector(token_loss, batch)
         weights = batch.get(self.weights_key)
         if weights is not None:
             valid = valid * weights[:, 1:].to(ce.dtype)

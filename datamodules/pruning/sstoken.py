@@ -1,0 +1,370 @@
+"""ssToken: self-modulated and semantic-aware token selection.
+
+Qin et al., "ssToken: Self-modulated and Semantic-aware Token Selection for LLM Fine-tuning",
+arXiv 2510.18250 (ICLR 2026). Implemented from ``shared/methods/sstoken.md``.
+
+Per training micro-batch, every response token ``j`` of sample ``b`` gets
+
+* the **retrospective excess loss** ``REL_j = l_his[j] - l_cur[j]`` (history minus current), min-max
+  normalised over the sample's response tokens (a span below 1e-6 counts as all-zero);
+* the **attention to the prompt** ``Attn_j = sum_{i < j, i not response, not pad} mean_h A_h[j, i]``
+  from the last decoder layer (the row of query ``j``; prompt = the non-response tokens before it,
+  which is the spec's generalised definition and equals ``i < prompt_len`` for one turn);
+* ``score_j = gamma_t * REL'_j + (1 - gamma_t) * Attn_j``; the top ``ceil(rho * |R_b|)`` response tokens
+  of each sample are kept (``token_weights`` 1), the rest leave the loss (0). Prompt tokens are never
+  selected; the loss is ``TokenCrossEntropy``'s per-token mean over the kept tokens.
+
+**Hand-off (no second forward with gradients).** ``__call__`` (in the DataModule's
+``on_after_batch_transfer``) computes the history losses and arms a forward-pre-hook on the last
+decoder layer, then puts a callable under ``batch["token_selector"]``. The training forward runs
+once, with its usual (SDPA / flash) attention; the hook keeps that layer's input hidden states and
+rotary embeddings. ``TokenCrossEntropy`` then calls the selector with the forward's own per-token
+losses (detached); the selector recomputes only the last layer's attention probabilities under
+``no_grad`` (layer norm, q/k projections, RoPE, causal + padding mask, softmax; K expanded for GQA)
+and returns the ``token_weights`` before the loss is reduced.
+
+**Passes this pruner costs**, per step, besides the usual training forward + backward (full batch,
+no rows dropped):
+
+* history ``"adapter"`` (default with a PEFT head): one no-grad, eval-mode forward of the base model,
+  i.e. the same backbone with the adapter switched off (peft ``disable_adapter()``), no extra memory;
+* history ``"copy"`` (default with full fine-tuning): one no-grad forward of a frozen copy of the
+  base model, rebuilt from the module's backbone spec (exact on resume, costs one model's memory);
+* history ``"cache"`` (``history_cache=path``): no extra forward; per-token history losses written once
+  by :meth:`SSToken.build_history_cache` and looked up per sample;
+* always: the last layer's q/k projections and attention probabilities, once, without gradients.
+
+``"copy"`` is the default for full fine-tuning because it needs no preparation step and cannot
+misalign; use ``"cache"`` when a second copy of the weights does not fit.
+
+Departures from the official code (flagged): the cache is keyed by a hash of the sample's token ids
+rather than the dataset index (our batches carry no index, and the hash also catches re-tokenisation);
+the attention-only warm-up is ``rel_warmup_fraction`` of the first epoch's optimizer steps (the spec's
+proposal) rather than "dataset index < 10000"; it is read from ``trainer.global_step``, so a resumed run
+uses the same ``gamma_t`` as an uninterrupted one. The pruner keeps no other state (``state_dict`` is
+empty); ties are broken by position (stable sort), so selection is deterministic.
+
+The attention recompute supports Llama-style decoder layers (Llama, SmolLM2, Qwen2, Mistral: a
+``self_attn`` with ``q_proj``/``k_proj`` and rotary ``position_embeddings``); other architectures raise
+a clear error. The pruner reads ``attention_mask`` and ``labels`` only, never the pad id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import PRUNING_STATS_KEY, BatchPruner, check_ratio
+
+IGNORE_INDEX = -100
+HISTORY_MODES = ("auto", "adapter", "copy", "cache")
+
+
+# ---------------------------------------------------------------------------------------- pure parts
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token CE aligned with labels (index ``t`` = loss of token ``t``; 0 on -100 and column 0), fp32."""
+    z = logits[:, :-1].float()
+    tgt = labels[:, 1:]
+    ce = F.cross_entropy(z.reshape(-1, z.size(-1)), tgt.reshape(-1), ignore_index=IGNORE_INDEX,
+                         reduction="none").view_as(tgt)
+    return torch.cat([torch.zeros_like(ce[:, :1]), ce], 1)
+
+
+def attention_to_prompt(attn: torch.Tensor, prompt_cols: torch.Tensor) -> torch.Tensor:
+    """``Attn[b, j] = sum_i attn[b, j, i] * prompt_cols[b, i]`` for head-averaged ``attn`` (B, S, S)."""
+    return (attn.float() * prompt_cols[:, None, :].float()).sum(-1)
+
+
+def minmax_rel(rel: torch.Tensor, response: torch.Tensor, eps: float = 1e-8, flat: float = 1e-6) -> torch.Tensor:
+    """Min-max of ``rel`` per sample over its response tokens (0 outside; all-zero when the span < ``flat``)."""
+    rel = rel.double()
+    inf = torch.full_like(rel, math.inf)
+    lo = torch.where(response, rel, inf).amin(1, keepdim=True)
+    hi = torch.where(response, rel, -inf).amax(1, keepdim=True)
+    span = hi - lo
+    out = (rel - lo) / (span + eps)
+    out = torch.where((span >= flat) & response, out, torch.zeros_like(out))
+    return out
+
+
+def select_tokens(rel: torch.Tensor, attn_score: torch.Tensor, response: torch.Tensor, gamma: float,
+                  rho: float) -> torch.Tensor:
+    """Keep mask (B, S): the top ``ceil(rho * |R_b|)`` response tokens of each sample by
+    ``gamma * minmax(rel) + (1 - gamma) * attn_score`` (ties: earlier position first)."""
+    response = response.bool()
+    score = gamma * minmax_rel(rel, response) + (1 - gamma) * attn_score.double()
+    score = torch.where(response, score, torch.full_like(score, -math.inf))
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    n = response.sum(1)
+    k = torch.ceil(n.double() * rho - 1e-9).clamp(min=1).long()
+    return (rank < k[:, None]) & response
+
+
+def last_layer_attention(layer: torch.nn.Module, hidden: torch.Tensor, position_embeddings: Any,
+                         attention_mask: torch.Tensor) -> torch.Tensor:
+    """Head-averaged attention probabilities (B, S, S) of one Llama-style decoder layer, recomputed
+    from its input hidden states (causal + key-padding mask, softmax in fp32)."""
+    attn = getattr(layer, "self_attn", None)
+    norm = getattr(layer, "input_layernorm", None)
+    if attn is None or norm is None or not hasattr(attn, "q_proj") or position_embeddings is None:
+        raise TypeError(f"SSToken recomputes attention for Llama-style decoder layers (self_attn.q_proj and rotary "
+                        f"position_embeddings); {type(layer).__name__} is not one. Use a Llama/Qwen/SmolLM backbone.")
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    x = norm(hidden)
+    b, s, _ = x.shape
+    hd = attn.head_dim
+    q = attn.q_proj(x).view(b, s, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(b, s, -1, hd).transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * float(getattr(attn, "scaling", hd ** -0.5))
+    causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+    allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    scores = scores.masked_fill(~allowed, -math.inf)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked (pad) rows -> 0
+    return probs.mean(1)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder-layer list of a (possibly peft-wrapped) causal LM."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] in ("layers", "h") and len(module):
+            return module
+    raise TypeError(f"SSToken found no decoder-layer list in {type(model).__name__}.")
+
+
+def sample_key(ids: torch.Tensor) -> str:
+    """Cache key of one sample: a hash of its (unpadded) token ids."""
+    return hashlib.sha1(ids.to(torch.int64).cpu().numpy().tobytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- the pruner
+class SSToken(BatchPruner):
+    """ssToken token selector (see the module docstring).
+
+    Args:
+        gamma: weight of the excess loss (1: REL only, 0: attention only); paper default 0.5.
+        rho: share of each sample's response tokens kept, in (0, 1]; paper default 0.6.
+        rel_warmup_fraction: share of the first epoch's optimizer steps that use gamma = 0
+            (attention only; REL is ~0 while the model is still the base). 0 disables it.
+        rel_warmup_steps: an explicit number of warm-up optimizer steps (overrides the fraction).
+        history: ``"auto"`` (``"adapter"`` with a PEFT head, else ``"copy"``), ``"adapter"``, ``"copy"``
+            or ``"cache"``.
+        history_cache: a file written by :meth:`build_history_cache` (implies ``history="cache"``).
+        layer: index of the decoder layer whose attention is used (-1: the last, as in the paper).
+    """
+
+    def __init__(self, gamma: float = 0.5, rho: float = 0.6, rel_warmup_fraction: float = 0.2,
+                 rel_warmup_steps: int | None = None, history: str = "auto", history_cache: str | None = None,
+                 layer: int = -1) -> None:
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma={gamma!r} must be in [0, 1]; 0.5 is the paper's default.")
+        check_ratio("rho", rho)
+        if not 0.0 <= rel_warmup_fraction <= 1.0:
+            raise ValueError(f"rel_warmup_fraction={rel_warmup_fraction!r} must be in [0, 1]; 0 disables the warm-up.")
+        if history not in HISTORY_MODES:
+            raise ValueError(f"history={history!r} must be one of {HISTORY_MODES}.")
+        if history == "cache" and history_cache is None:
+            raise ValueError("history='cache' needs history_cache=<file written by SSToken.build_history_cache>.")
+        self.gamma = float(gamma)
+        self.rho = float(rho)
+        self.rel_warmup_fraction = float(rel_warmup_fraction)
+        self.rel_warmup_steps = rel_warmup_steps
+        self.history = "cache" if history_cache is not None else history
+        self.history_cache = history_cache
+        self.layer = layer
+        self._cache: dict[str, torch.Tensor] | None = None
+        self._history_model: torch.nn.Module | None = None
+        self._hooked: Any = None
+        self._armed = False
+        self._captured: tuple[torch.Tensor, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"SSToken(gamma={self.gamma}, rho={self.rho}, history={self.history!r})"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ---------------------------------------------------------------- warm-up
+    def gamma_at(self, model: Any) -> float:
+        """gamma_t: 0 during the attention-only warm-up (first epoch's first optimizer steps), else gamma."""
+        trainer = getattr(model, "_trainer", None)
+        if trainer is None:
+            return self.gamma
+        steps = self.rel_warmup_steps
+        if steps is None:
+            n = trainer.num_training_batches
+            if not math.isfinite(n) or self.rel_warmup_fraction == 0:
+                return self.gamma
+            steps = math.ceil(self.rel_warmup_fraction * n / max(1, trainer.accumulate_grad_batches))
+        return 0.0 if int(trainer.global_step) < steps else self.gamma
+
+    # ---------------------------------------------------------------- history losses
+    def _mode(self, model: Any) -> str:
+        if self.history != "auto":
+            return self.history
+        head = getattr(model, "head", None)
+        peft_model = getattr(model, "model", model)
+        if hasattr(peft_model, "disable_adapter") and not getattr(head, "trains_backbone", False):
+            return "adapter"
+        return "copy"
+
+    @torch.no_grad()
+    def history_losses(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
+        """Per-token losses (label-aligned) of the history (= base) model on ``batch``."""
+        mode = self._mode(model)
+        labels = batch["labels"]
+        if mode == "cache":
+            return self._from_cache(batch)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+        if mode == "adapter":
+            peft_model = model.model
+            if not hasattr(peft_model, "disable_adapter"):
+                raise ValueError("history='adapter' needs a peft model (a PEFT head such as LoRA); use "
+                                 "history='copy' or 'cache' with full fine-tuning.")
+            was = model.training
+            model.eval()
+            try:
+                with peft_model.disable_adapter():
+                    logits = model(batch).logits
+            finally:
+                model.train(was)
+        else:
+            hist = self._copy_of_base(model)
+            logits = hist(**inputs).logits
+        logits = logits[:, -labels.shape[1]:]
+        return token_losses(logits, labels)
+
+    def _copy_of_base(self, model: Any) -> torch.nn.Module:
+        if self._history_model is None:
+            from lightning_peft.backbones import load_backbone
+
+            h = model.hparams
+            hist, _ = load_backbone(h["backbone"], task="causal-lm", dtype=h.get("dtype"),
+                                    gguf_file=h.get("gguf_file"), config_overrides=h.get("backbone_config"))
+            hist.eval().requires_grad_(False)
+            self._history_model = hist
+        device = next(model.parameters()).device
+        return self._history_model.to(device)
+
+    def _from_cache(self, batch: dict[str, Any]) -> torch.Tensor:
+        if self._cache is None:
+            self._cache = torch.load(self.history_cache, weights_only=True)
+        ids, labels = batch["input_ids"], batch["labels"]
+        mask = batch.get("attention_mask", torch.ones_like(ids)).bool()
+        out = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+        for b in range(ids.shape[0]):
+            key = sample_key(ids[b][mask[b]])
+            if key not in self._cache:
+                raise KeyError(f"SSToken's history cache {self.history_cache!r} has no entry for a training sample "
+                               "(the data or its tokenisation changed); rebuild it with SSToken.build_history_cache.")
+            value = self._cache[key].to(out.device)
+            if value.numel() != int(mask[b].sum()):
+                raise ValueError("SSToken's history cache entry length does not match the sample; rebuild the cache.")
+            out[b, mask[b]] = value.float()
+        return out
+
+    @staticmethod
+    @torch.no_grad()
+    def build_history_cache(model: Any, batches: Any, path: str) -> int:
+        """Write the per-token losses of ``model`` (a ``CausalLM`` before training, i.e. the base) on every
+        batch of ``batches`` to ``path``; returns the number of samples. Use with ``history_cache=path``."""
+        cache: dict[str, torch.Tensor] = {}
+        was = model.training
+        model.eval()
+        try:
+            for batch in batches:
+                logits = model(batch).logits[:, -batch["labels"].shape[1]:]
+                losses = token_losses(logits, batch["labels"])
+                mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+                for b in range(losses.shape[0]):
+                    cache[sample_key(batch["input_ids"][b][mask[b]])] = losses[b][mask[b]].cpu()
+        finally:
+            model.train(was)
+        torch.save(cache, path)
+        return len(cache)
+
+    # ---------------------------------------------------------------- attention capture
+    def _install_hook(self, model: Any) -> None:
+        target = getattr(model, "model", model)
+        if self._hooked is not None and self._hooked[0] is target:
+            return
+        layer = decoder_layers(target)[self.layer]
+
+        def pre_hook(module, args, kwargs):
+            if self._armed:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                pos = kwargs.get("position_embeddings")
+                pos = tuple(p.detach() for p in pos) if pos is not None else None
+                self._captured = (hidden.detach(), pos)
+
+        handle = layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        self._hooked = (target, layer, handle)
+
+    # ---------------------------------------------------------------- the step
+    def __call__(self, batch: dict[str, Any], model: Any = None) -> dict[str, Any]:
+        if model is None:
+            raise ValueError("SSToken needs the current model; the DataModule passes model=trainer.lightning_module.")
+        labels = batch["labels"]
+        if labels.dim() != 2:
+            raise ValueError(f"SSToken works on causal-LM batches (labels of shape (B, S)); got {tuple(labels.shape)}.")
+        if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn("SSToken got a training batch with no response tokens (all labels -100); it is passed "
+                           "through unselected. Check the prompt masking / max_length.")
+            return batch
+        gamma_t = self.gamma_at(model)
+        history = self.history_losses(model, batch) if gamma_t > 0 else None
+        self._install_hook(model)
+        self._armed, self._captured = True, None
+        out = dict(batch)
+        out["token_selector"] = lambda token_loss, b: self.select(token_loss, b, history, gamma_t)
+        return out
+
+    @torch.no_grad()
+    def select(self, token_loss: torch.Tensor, batch: dict[str, Any], history: torch.Tensor | None,
+               gamma_t: float) -> torch.Tensor:
+        """Called by the objective after the training forward: per-token losses -> ``token_weights``."""
+        self._armed = False
+        if self._captured is None:
+            raise RuntimeError("SSToken's attention hook saw no forward; the selector must be called by the "
+                               "objective right after the training forward of the same batch.")
+        hidden, pos = self._captured
+        self._captured = None
+        labels = batch["labels"]
+        mask = batch.get("attention_mask", torch.ones_like(labels)).bool()
+        response = (labels != IGNORE_INDEX) & mask
+        response[:, 0] = False
+        layer = self._hooked[1]
+        attn = last_layer_attention(layer, hidden, pos, mask.long())
+        attn_score = attention_to_prompt(attn, (~response) & mask)
+        rel = (history - token_loss.float()) if history is not None else torch.zeros_like(token_loss, dtype=torch.float)
+        keep = select_tokens(rel, attn_score, response, gamma_t, self.rho)
+        weights = keep.to(torch.float32)
+        old = batch.get("token_weights")
+        if old is not None:
+            weights = weights * old.to(weights.dtype)
+        batch[PRUNING_STATS_KEY] = {
+            "kept_tokens": float(keep.sum()),
+            "kept_token_fraction": float(keep.sum()) / max(1, int(response.sum())),
+            "gamma_t": float(gamma_t),
+            "rel_mean": float((rel * response).sum() / response.sum().clamp(min=1)),
+            "attn_to_prompt_mean": float((attn_score * response).sum() / response.sum().clamp(min=1)),
+        }
+        return weights
+
+
+__all__ = ["SSToken", "attention_to_prompt", "last_layer_attention", "minmax_rel", "select_tokens", "token_losses"]
