@@ -338,3 +338,19 @@ def test_ddp_two_ranks_identical(tmp_path, pruner):
     r1 = torch.load(tmp_path / "dump" / "rank1.pt", weights_only=True)
     for name in r0["params"]:
         assert torch.equal(r0["params"][name], r1["params"][name]), name
+
+
+def test_qtuning_scoring_pass_builds_no_graph():
+    """The scoring forward is no-grad: it must not keep activations for a backward that never comes."""
+    from lightning_peft import CausalLM
+    from lightning_peft.datamodules.pruning import QTuning
+    from lightning_peft.heads import LoRA
+
+    module = CausalLM(head=LoRA(r=4, target_modules=["q_proj", "v_proj"])).train()
+    ids = torch.randint(4, 260, (4, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    logits = QTuning.score_logits(module, batch)
+    assert not logits.requires_grad and logits.grad_fn is None
+    assert module.training  # the module's mode is restored

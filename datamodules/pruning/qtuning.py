@@ -311,7 +311,8 @@ class QTuning(BatchPruner):
         was_training = model.training
         model.eval()
         try:
-            out = model(batch)
+            with torch.no_grad():  # scoring only: no graph, no activations kept
+                out = model(batch)
         finally:
             model.train(was_training)
         logits = out.logits
