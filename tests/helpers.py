@@ -68,10 +68,6 @@ def logits(module_or_model, batch) -> torch.Tensor:
     return out
 
 
-def has_shared_data() -> bool:
-    return SHARED_DATA.is_dir()
-
-
 def cpu_threads() -> None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -88,3 +84,16 @@ class DumpTrainable(L.Callback):
         trainable = sorted(n for n, p in pl_module.model.named_parameters() if p.requires_grad)
         torch.save({"params": state, "trainable": trainable, "step": trainer.global_step},
                    os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
+
+
+def run_cli_ranks(args: list[str], cwd: Path, dump_dir: Path) -> tuple[dict, dict]:
+    """Run ``lightning-peft fit <args>`` in a subprocess (tests/ importable, for ``helpers.DumpTrainable``)
+    and return the two ranks' dumps written to ``dump_dir``."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "lightning_peft.cli", "fit", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return (torch.load(dump_dir / "rank0.pt", weights_only=True), torch.load(dump_dir / "rank1.pt", weights_only=True))

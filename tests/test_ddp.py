@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, run_cli_ranks
 
 from lightning_peft import CausalLM
 
@@ -20,16 +16,12 @@ def test_quickstart_ddp_two_cpu_ranks_identical(tmp_path):
         "trainer:\n  callbacks:\n    - class_path: helpers.DumpTrainable\n"
         f"      init_args: {{out_dir: {tmp_path / 'dump'}}}\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "lightning_peft.cli", "fit", "--config", str(REPO / "examples" / "quickstart.yaml"),
+    args = ["--config", str(REPO / "examples" / "quickstart.yaml"),
            "--config", str(extra), "--trainer.strategy", "ddp", "--trainer.devices", "2",
            "--trainer.accelerator", "cpu", "--trainer.max_steps", "6", "--trainer.limit_val_batches", "2",
            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
            "--data.init_args.num_train", "512", "--trainer.val_check_interval", "1.0"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0 = torch.load(tmp_path / "dump" / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "dump" / "rank1.pt", weights_only=True)
+    r0, r1 = run_cli_ranks(args, tmp_path, tmp_path / "dump")
     assert r0["step"] == r1["step"] == 6
     assert r0["params"].keys() == r1["params"].keys()
     for name in r0["params"]:

@@ -7,13 +7,11 @@ import glob
 import itertools
 import os
 import random
-import subprocess
-import sys
 
 import lightning as L
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, run_cli_ranks
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_peft import CausalLM
@@ -400,18 +398,14 @@ def test_ddp_two_cpu_ranks_identical(tmp_path):
         "    - class_path: helpers.DumpTrainable\n"
         f"      init_args: {{out_dir: {tmp_path / 'dump'}}}\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "lightning_peft.cli", "fit", "--config", str(REPO / "examples" / "greentrainer.yaml"),
+    args = ["--config", str(REPO / "examples" / "greentrainer.yaml"),
            "--config", str(extra), "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2",
            "--trainer.accelerator", "cpu", "--trainer.max_steps", "5", "--trainer.limit_val_batches", "0",
            "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
            "--trainer.enable_model_summary", "false", "--trainer.logger", "false",
            "--trainer.default_root_dir", str(tmp_path / "run"), "--data.init_args.num_train", "128",
            "--data.init_args.batch_size", "8"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0 = torch.load(tmp_path / "dump" / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "dump" / "rank1.pt", weights_only=True)
+    r0, r1 = run_cli_ranks(args, tmp_path, tmp_path / "dump")
     assert r0["step"] == r1["step"] == 5
     assert r0["trainable"] == r1["trainable"]
     for name in r0["params"]:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import glob
 import os
 import random
-import subprocess
-import sys
 
 import lightning as L
 import pytest
 import torch
-from helpers import REPO, causal_batch, class_batch
+from helpers import REPO, causal_batch, class_batch, run_cli_ranks
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -386,18 +384,14 @@ def test_ddp_two_cpu_ranks_identical_with_round_change(tmp_path):
         f"    - class_path: test_hft.RoundSnapshots\n      init_args: {{out_dir: {dump}}}\n"
         f"    - class_path: helpers.DumpTrainable\n      init_args: {{out_dir: {dump}}}\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "lightning_peft.cli", "fit", "--config", str(REPO / "examples" / "hft.yaml"),
+    args = ["--config", str(REPO / "examples" / "hft.yaml"),
            "--config", str(extra), "--trainer.strategy", "ddp_find_unused_parameters_true",
            "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_steps", "7",
            "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
            "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
            "--data.init_args.num_train", "256", "--data.init_args.batch_size", "8"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0 = torch.load(dump / "rank0.pt", weights_only=True)
-    r1 = torch.load(dump / "rank1.pt", weights_only=True)
+    r0, r1 = run_cli_ranks(args, tmp_path, dump)
     assert r0["step"] == r1["step"] == 7
     for name in r0["params"]:
         assert torch.equal(r0["params"][name], r1["params"][name]), f"ranks differ on {name}"

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
-from helpers import REPO, cpu_threads
+from helpers import cpu_threads, run_cli_ranks
 
 from lightning_peft import CausalLM
 from lightning_peft.datamodules import SyntheticSFTDataModule
@@ -330,12 +327,7 @@ def test_ddp_two_ranks_identical(tmp_path, pruner):
         "    task: copy\n    num_digits: 4\n    num_train: 64\n    num_val: 4\n    batch_size: 8\n"
         f"    pruner: {pruner}\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "lightning_peft.cli", "fit", "--config", str(cfg)], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0 = torch.load(tmp_path / "dump" / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "dump" / "rank1.pt", weights_only=True)
+    r0, r1 = run_cli_ranks(["--config", str(cfg)], tmp_path, tmp_path / "dump")
     for name in r0["params"]:
         assert torch.equal(r0["params"][name], r1["params"][name]), name
 
