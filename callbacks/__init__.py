@@ -6,5 +6,6 @@ Each behaviour lives in its own file, uses only public Lightning hooks, keeps al
 
 from lightning_peft.callbacks.greentrainer import GreenTrainer
 from lightning_peft.callbacks.hft import HalfFineTuning
+from lightning_peft.callbacks.token_elimination import TokenElimination
 
-__all__: list[str] = ["GreenTrainer", "HalfFineTuning"]
+__all__: list[str] = ["GreenTrainer", "HalfFineTuning", "TokenElimination"]

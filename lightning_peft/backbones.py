@@ -247,6 +247,13 @@ def load_backbone(
     return model, tokenizer
 
 
+def unwrap_hf(model: nn.Module) -> nn.Module:
+    """The ``transformers`` model inside a ``PeftModel`` (or the model itself)."""
+    while hasattr(model, "get_base_model") and model.get_base_model() is not model:
+        model = model.get_base_model()
+    return model
+
+
 def max_positions(model: nn.Module) -> int | None:
     """The longest sequence the backbone supports, or None when it does not say."""
     config = getattr(model, "config", None)

@@ -19,7 +19,7 @@ from lightning.pytorch.cli import instantiate_class
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from lightning_peft.backbones import load_backbone
+from lightning_peft.backbones import load_backbone, unwrap_hf
 from lightning_peft.heads.base import Head, HeadError, head_from_config
 from lightning_peft.heads.lora import LoRA
 from lightning_peft.objectives import ClassificationCrossEntropy, Objective, TokenCrossEntropy
@@ -114,7 +114,12 @@ class PeftModule(L.LightningModule):
         inputs.update(self.head.forward_inputs(batch))
         return self.model(**inputs)
 
-    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(loss, logits)``; with a segmented objective the logits never exist whole and ``None`` is
+        returned in their place (evaluation predictions go to ``self._segmented_preds``)."""
+        if self.task == "causal-lm" and getattr(self.objective, "segment_size", None) and not getattr(
+                self.head, "own_loss", False):
+            return self._segmented_loss(batch), None
         out = self(batch)
         logits = out.logits
         if self.task == "causal-lm" and logits.shape[1] > batch["labels"].shape[1]:
@@ -122,6 +127,25 @@ class PeftModule(L.LightningModule):
         if getattr(self.head, "own_loss", False):
             return out.loss, logits
         return self.objective(logits, batch), logits
+
+    def _segmented_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Decoder body, then the objective's chunked LM head + loss (the full logits are never built)."""
+        hf = unwrap_hf(self.model)
+        peft_config = getattr(self.model, "active_peft_config", None)
+        if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+            raise HeadError(f"segment_size={self.objective.segment_size} cannot be used with {self.head!r}: its "
+                            "virtual tokens are added by the PEFT wrapper; use segment_size: null with this head.")
+        for attr in ("final_logit_softcapping", "logit_scale"):
+            if getattr(hf.config, attr, None):
+                raise HeadError(f"segment_size needs logits = lm_head(hidden), but this backbone applies {attr}; "
+                                "use segment_size: null.")
+        body = getattr(hf, hf.base_model_prefix)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+        hidden = body(**inputs).last_hidden_state
+        ce, preds = self.objective.segmented_token_losses(hidden, hf.get_output_embeddings(), batch["labels"],
+                                                          with_predictions=not torch.is_grad_enabled())
+        self._segmented_preds = preds
+        return self.objective.reduce(ce, batch)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, _ = self.compute_loss(batch)
@@ -256,7 +280,7 @@ class CausalLM(PeftModule):
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
         loss, logits = self.compute_loss(batch)
         labels = batch["labels"][:, 1:]
-        preds = logits[:, :-1].argmax(-1)
+        preds = logits[:, :-1].argmax(-1) if logits is not None else self._segmented_preds
         valid = labels != IGNORE_INDEX
         n_tokens = valid.sum()
         correct = (preds == labels) & valid

@@ -6,6 +6,14 @@ the batch carries ``token_weights`` (same shape as ``labels``, produced by data 
 training forward's own per-token losses (ssToken) puts a callable under ``batch["token_selector"]``:
 it is called with the detached per-token losses (aligned with ``labels``; column 0 is 0) and the
 batch, and returns the ``token_weights`` to use, so no second forward is needed.
+
+**Segmented loss** (``TokenCrossEntropy(segment_size=2048)``; LeMo/JENGA §3.6, usable on its own): the
+module hands the objective the final hidden states instead of logits, and the LM head plus
+cross-entropy run one chunk of ``segment_size`` positions at a time inside activation checkpointing,
+so the ``[batch, length, vocab]`` logits (and their gradient) never exist for the whole sequence; the
+backward recomputes one chunk's logits at a time. The chunk losses are summed and divided by the
+number of valid labels (the standard mean; the released code divides by the length), so value and
+gradient equal the plain loss.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -31,20 +40,58 @@ class TokenCrossEntropy(Objective):
     Args:
         label_smoothing: standard label smoothing.
         weights_key: the batch key holding per-token weights (aligned with ``labels``).
+        segment_size: compute the LM head and the loss in checkpointed chunks of this many positions
+            (segmented loss; causal LMs whose logits are ``lm_head(hidden)``); None computes them at once.
     """
 
-    def __init__(self, label_smoothing: float = 0.0, weights_key: str = "token_weights") -> None:
+    def __init__(self, label_smoothing: float = 0.0, weights_key: str = "token_weights",
+                 segment_size: int | None = None) -> None:
+        if segment_size is not None and int(segment_size) < 1:
+            raise ValueError(f"segment_size={segment_size} must be a positive number of positions (e.g. 2048).")
         self.label_smoothing = label_smoothing
         self.weights_key = weights_key
+        self.segment_size = None if segment_size is None else int(segment_size)
 
-    def __call__(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        labels = batch["labels"]
+    def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-position loss ``[B, N-1]`` of predicting ``labels[:, 1:]`` from ``logits[:, :-1]`` (0 where -100)."""
         shift_logits = logits[:, :-1, :].float()
         shift_labels = labels[:, 1:]
-        ce = F.cross_entropy(
+        return F.cross_entropy(
             shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
             ignore_index=IGNORE_INDEX, reduction="none", label_smoothing=self.label_smoothing,
         ).view_as(shift_labels)
+
+    def segmented_token_losses(self, hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor,
+                               with_predictions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`token_losses` from final hidden states, one checkpointed chunk of positions at a time.
+
+        Returns the per-position losses and, with ``with_predictions``, the argmax predictions
+        ``[B, N-1]`` (computed chunk by chunk without gradients, for evaluation metrics).
+        """
+        n = hidden.shape[1] - 1
+        size = self.segment_size or n
+        losses, preds = [], []
+        for start in range(0, n, size):
+            stop = min(n, start + size)
+            h, y = hidden[:, start:stop], labels[:, start + 1:stop + 1]
+            if torch.is_grad_enabled() and h.requires_grad:
+                ce = checkpoint(self._chunk_loss, h, y, lm_head, use_reentrant=False)
+            else:
+                ce = self._chunk_loss(h, y, lm_head)
+            losses.append(ce)
+            if with_predictions:
+                with torch.no_grad():
+                    preds.append(lm_head(h).argmax(-1))
+        return torch.cat(losses, dim=1), (torch.cat(preds, dim=1) if with_predictions else None)
+
+    def _chunk_loss(self, h: torch.Tensor, y: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
+        logits = lm_head(h).float()
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE_INDEX,
+                               reduction="none", label_smoothing=self.label_smoothing).view_as(y)
+
+    def reduce(self, ce: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """Mean of per-position losses over valid (and weighted) labels."""
+        shift_labels = batch["labels"][:, 1:]
         valid = (shift_labels != IGNORE_INDEX).to(ce.dtype)
         selector = batch.get("token_selector")
         if selector is not None:
@@ -57,6 +104,9 @@ class TokenCrossEntropy(Objective):
         if denom == 0:
             return (ce * 0.0).sum()  # keeps the graph (DDP) but contributes nothing
         return (ce * valid).sum() / denom
+
+    def __call__(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        return self.reduce(self.token_losses(logits, batch["labels"]), batch)
 
 
 class ClassificationCrossEntropy(Objective):
