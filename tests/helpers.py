@@ -82,7 +82,9 @@ class DumpTrainable(L.Callback):
         os.makedirs(self.out_dir, exist_ok=True)
         state = {n: p.detach().cpu() for n, p in pl_module.model.named_parameters()}
         trainable = sorted(n for n, p in pl_module.model.named_parameters() if p.requires_grad)
-        torch.save({"params": state, "trainable": trainable, "step": trainer.global_step},
+        callbacks = {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks
+                     if type(cb).__module__.startswith("lightning_peft")}
+        torch.save({"params": state, "trainable": trainable, "step": trainer.global_step, "callbacks": callbacks},
                    os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
 
 

@@ -1,0 +1,164 @@
+"""TokenElimination under the Trainer: the calibration phase, schedule, resume, full fine-tuning, DDP."""
+
+from __future__ import annotations
+
+import glob
+
+import lightning as L
+import pytest
+import torch
+from helpers import REPO, cpu_threads, run_cli_ranks
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_peft import CausalLM
+from lightning_peft.callbacks import TokenElimination
+from lightning_peft.datamodules import SyntheticSFTDataModule
+from lightning_peft.heads import FullFineTune, LoRA
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+cpu_threads()
+
+
+def _trainer(root, max_steps, callbacks=(), **kw):
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, default_root_dir=str(root), logger=False,
+                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                     num_sanity_val_steps=0, callbacks=list(callbacks), **kw)
+
+
+def _data():
+    return SyntheticSFTDataModule(task="copy", num_digits=6, num_train=64, num_val=8, batch_size=8, seed=0)
+
+
+def _module(head=None):
+    module = CausalLM("tiny-llama", head=head or LoRA(r=4, target_modules=ATTN),
+                      backbone_config={"num_hidden_layers": 4})
+    module.set_optimizer("torch.optim.AdamW", lr=1e-2)
+    return module
+
+
+def _cb(**kw):
+    args = {"block_size": 4, "keep_ratio": 0.5, "dense_layers": [0], "calibration_batches": 2,
+            "predictor_steps": 20, "predictor_hidden": [16, 32]}
+    args.update(kw)
+    return TokenElimination(**args)
+
+
+def _predictor_weights(cb):
+    return {f"{i}.{k}": v.clone() for i, p in cb.predictors.items() for k, v in p.state_dict().items()}
+
+
+def test_calibration_phase_trains_frozen_predictors(tmp_path):
+    L.seed_everything(0)
+    module, cb = _module(), _cb()
+    cb.selection_log = []
+    snapshots = {}
+
+    class Snap(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                snapshots["step3"] = _predictor_weights(cb)
+
+    trainer = _trainer(tmp_path, 5, [cb, Snap()])
+    trainer.fit(module, datamodule=_data())
+    assert sorted(cb.predictors) == [1, 2, 3]
+    assert set(cb.recall) == {1, 2, 3} and all(0.0 <= r <= 1.0 for r in cb.recall.values())
+    assert "lemo/recall" in trainer.callback_metrics and "lemo/kept_fraction" in trainer.callback_metrics
+    # steps 0-1 dense (calibration), steps 2-4 eliminate in the 3 sparsified layers
+    assert [layer for layer, _ in cb.selection_log] == [1, 2, 3] * 3
+    # predictors are frozen, outside the module and the optimizer, and unchanged by fine-tuning
+    opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    module_params = {id(p) for p in module.parameters()}
+    for p in cb.predictors.values():
+        assert all(not q.requires_grad and id(q) not in opt_params | module_params for q in p.parameters())
+    end = _predictor_weights(cb)
+    assert all(torch.equal(end[k], v) for k, v in snapshots["step3"].items())
+    # the callback state is plain and loads with weights_only
+    torch.save(cb.state_dict(), tmp_path / "cb.pt")
+    again = _cb()
+    again.load_state_dict(torch.load(tmp_path / "cb.pt", weights_only=True))
+    again.attach(_module().model)
+    assert all(torch.equal(_predictor_weights(again)[k], v) for k, v in end.items())
+    assert again.recall == cb.recall
+
+
+def test_resume_restores_predictors_and_continues_exactly(tmp_path):
+    L.seed_everything(0)
+    full, cb_full = _module(), _cb()
+    _trainer(tmp_path / "a", 6, [cb_full]).fit(full, datamodule=_data())
+
+    L.seed_everything(0)
+    first, cb_first = _module(), _cb()
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "b"), every_n_train_steps=4, save_top_k=-1)
+    _trainer(tmp_path / "b", 4, [cb_first, ckpt]).fit(first, datamodule=_data())
+    path = glob.glob(str(tmp_path / "b" / "*step=4*.ckpt"))[0]
+    L.seed_everything(123)
+    resumed, cb_resumed = _module(), _cb()
+    cb_resumed.selection_log = []
+    _trainer(tmp_path / "c", 6, [cb_resumed]).fit(resumed, datamodule=_data(), ckpt_path=path)
+    assert [layer for layer, _ in cb_resumed.selection_log] == [1, 2, 3] * 2  # no new calibration phase
+    for k, v in _predictor_weights(cb_full).items():
+        assert torch.equal(_predictor_weights(cb_resumed)[k], v)
+    a = {n: p for n, p in full.model.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+
+
+def test_full_finetuning_and_exact_threshold_policy(tmp_path):
+    L.seed_everything(0)
+    module = _module(FullFineTune())
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    cb = _cb(scorer="exact", policy="threshold", calibration_batches=1)
+    cb.selection_log = []
+    _trainer(tmp_path, 3, [cb]).fit(module, datamodule=_data())
+    assert sorted(cb.thresholds) == [1, 2, 3] and all(t > 0 for t in cb.thresholds.values())
+    assert not cb.predictors
+    assert len(cb.selection_log) == 3 * 2
+    moved = [n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])]
+    assert any("mlp" in n for n in moved) and any("self_attn" in n for n in moved)
+
+
+def test_warmup_and_ramp_schedule():
+    cb = TokenElimination(block_size=4, keep_ratio=0.5, dense_layers=[0], scorer="exact", warmup_steps=2,
+                          ramp_steps=4, layer_ratios={3: 0.25}).attach(_module().model)
+    got = []
+    for step in range(8):
+        cb.set_step(step)
+        got.append((cb.current_ratio(0), cb.current_ratio(2), cb.current_ratio(3)))
+    assert got[0] == got[1] == (None, None, None)
+    assert got[2] == (None, 1 - 0.25 * 0.5, 1 - 0.25 * 0.75)
+    assert got[5] == got[7] == (None, 0.5, 0.25)
+
+
+@pytest.mark.ddp
+def test_token_elimination_ddp_two_cpu_ranks_identical(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(
+        "model:\n  init_args:\n    backbone_config: {num_hidden_layers: 4}\n"
+        "    head:\n      class_path: lightning_peft.heads.LoRA\n"
+        "      init_args: {r: 4, target_modules: [q_proj, k_proj, v_proj, o_proj]}\n"
+        "trainer:\n  callbacks:\n"
+        "    - class_path: lightning_peft.callbacks.TokenElimination\n"
+        "      init_args: {block_size: 4, keep_ratio: 0.5, dense_layers: [0], calibration_batches: 2,"
+        " predictor_steps: 20, predictor_hidden: [16, 32]}\n"
+        "    - class_path: helpers.DumpTrainable\n"
+        f"      init_args: {{out_dir: {tmp_path / 'dump'}}}\n"
+    )
+    args = ["--config", str(REPO / "examples" / "quickstart.yaml"), "--config", str(extra),
+            "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+            "--trainer.max_steps", "5", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path / "run"), "--data.init_args.num_train", "256",
+            "--data.init_args.batch_size", "8", "--trainer.val_check_interval", "1.0"]
+    r0, r1 = run_cli_ranks(args, tmp_path, tmp_path / "dump")
+    assert r0["step"] == r1["step"] == 5
+    for name in r0["params"]:
+        assert torch.equal(r0["params"][name], r1["params"][name]), f"ranks differ on {name}"
+    p0 = r0["callbacks"]["TokenElimination"]["predictors"]["weights"]
+    p1 = r1["callbacks"]["TokenElimination"]["predictors"]["weights"]
+    assert sorted(p0) == ["1", "2", "3"]
+    for layer in p0:
+        for k in p0[layer]:
+            assert torch.equal(p0[layer][k], p1[layer][k]), "ranks use different predictors"
+    lora_moved = [n for n in r0["trainable"] if "lora_B" in n and r0["params"][n].abs().sum() > 0]
+    assert lora_moved
