@@ -162,3 +162,19 @@ def test_token_elimination_ddp_two_cpu_ranks_identical(tmp_path):
             assert torch.equal(p0[layer][k], p1[layer][k]), "ranks use different predictors"
     lora_moved = [n for n in r0["trainable"] if "lora_B" in n and r0["params"][n].abs().sum() > 0]
     assert lora_moved
+
+
+def test_long_context_example_runs(tmp_path):
+    from lightning_peft.cli import main
+
+    root = tmp_path / "run"
+    main(["fit", "--config", str(REPO / "examples" / "long_context_lemo.yaml"), "--trainer.max_steps", "3",
+          "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "3", "--trainer.accelerator", "cpu",
+          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
+          "--data.init_args.num_digits", "150", "--data.init_args.num_train", "16", "--data.init_args.max_length",
+          "320", "--trainer.callbacks.init_args.calibration_batches", "2",
+          "--trainer.callbacks.init_args.predictor_steps", "10"])
+    ckpt = torch.load(glob.glob(str(root / "**" / "last.ckpt"), recursive=True)[0], weights_only=True)
+    state = next(v for k, v in ckpt["callbacks"].items() if "TokenElimination" in k)
+    assert sorted(state["predictors"]["weights"]) == ["4", "5", "6"]
+    assert ckpt["global_step"] == 3
