@@ -346,3 +346,99 @@ def test_qtuning_scoring_pass_builds_no_graph():
     logits = QTuning.score_logits(module, batch)
     assert not logits.requires_grad and logits.grad_fn is None
     assert module.training  # the module's mode is restored
+
+
+# ------------------------------------------------------------------------------------- fast scoring route
+def _randomised(module, seed=1):
+    """Move every trainable tensor (LoRA B included) off its initial value, so the adapter matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return module
+
+
+def _plans(pruner_kwargs, module, batch):
+    fast, ref = QTuning(**pruner_kwargs, fast_scoring=True), QTuning(**pruner_kwargs, fast_scoring=False)
+    plan_fast = fast.plan_from_stats(*fast.score(module, batch), batch)
+    return plan_fast, ref.plan_from_stats(*ref.score(module, batch), batch)
+
+
+@pytest.mark.parametrize("entropy_positions", ["response", "all"])
+@pytest.mark.parametrize("head", ["lora", "full"])
+def test_fast_scoring_equals_reference(head, entropy_positions):
+    """Decoder body + LM head at the needed positions + merged LoRA deltas == the plain forward."""
+    from lightning_peft.datamodules.pruning.scoring import fast_parts
+    from lightning_peft.heads import FullFineTune
+
+    torch.manual_seed(0)
+    h = LoRA(r=4, alpha=8) if head == "lora" else FullFineTune()
+    module = _randomised(CausalLM(backbone="tiny-llama", head=h)).train()
+    batch = padded_batch(module.tokenizer, seed=2)
+    batch = {k: torch.cat([v, v.roll(1, 0)]) for k, v in batch.items()}  # 8 rows, padded
+    assert fast_parts(module, batch) is not None  # the fast route is really taken
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in module.model.named_parameters()}
+    kw = dict(sample_ratio=0.5, token_ratio=0.6, entropy_positions=entropy_positions)
+    fast, ref = _plans(kw, module, batch)
+    assert module.training
+    for n, p in module.model.named_parameters():  # nothing was merged into the model's own weights
+        assert torch.equal(p, before[n][0]) and p.requires_grad == before[n][1], n
+    torch.testing.assert_close(fast["ppl"], ref["ppl"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(fast["ent"], ref["ent"], rtol=1e-5, atol=1e-6)
+    for key in ("keep", "token_keep", "q2", "q4", "q2like"):
+        assert torch.equal(fast[key], ref[key]), key
+    # the LoRA delta really takes part: with the adapter off the statistics move
+    if head == "lora":
+        with module.model.disable_adapter():
+            off, _ = _plans(kw, module, batch)
+        assert not torch.allclose(off["ppl"], ref["ppl"], rtol=1e-3)
+
+
+def test_fast_scoring_falls_back_where_it_does_not_apply():
+    from lightning_peft.datamodules.pruning.scoring import fast_parts, score_tokens, token_stats
+    from lightning_peft.heads import PeftHead
+
+    batch = padded_batch(None, seed=3)
+    dora = CausalLM(backbone="tiny-llama", head=LoRA(r=4, use_dora=True))
+    prompt = CausalLM(backbone="tiny-llama", head=PeftHead({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}))
+    gpt2 = CausalLM(backbone="tiny-gpt2", head=LoRA(r=4, target_modules=["c_attn"]))
+    assert fast_parts(dora, batch) is None and fast_parts(prompt, batch) is None
+    assert fast_parts(gpt2, batch) is not None  # Conv1D LoRA layers are plain lora.Linear too
+    pos = batch["labels"] != -100
+    pos[:, 0] = False
+    for module in (dora, prompt, gpt2):
+        _randomised(module).eval()
+        loss, ent = score_tokens(module, batch, pos)
+        with torch.no_grad():
+            logits = module(batch).logits[:, -batch["labels"].shape[1]:]
+        ref_loss, ref_ent = token_stats(logits, batch["labels"], pos)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
+
+
+def test_token_stats_match_brute_force():
+    from lightning_peft.datamodules.pruning.scoring import token_stats
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=g) * 3
+    labels = torch.randint(0, 11, (3, 7), generator=g)
+    labels[:, :2] = -100
+    loss, ent = token_stats(logits, labels)
+    for b in range(3):
+        for t in range(1, 7):
+            p = torch.softmax(logits[b, t - 1].double(), -1)
+            want = 0.0 if labels[b, t] == -100 else float(-torch.log(p[labels[b, t]]))
+            assert abs(float(loss[b, t]) - want) < 1e-5 and abs(float(ent[b, t]) + float((p * p.log()).sum())) < 1e-5
+    assert (loss[:, 0] == 0).all() and (ent[:, 0] == 0).all()
+
+
+def test_apply_plan_trims_trailing_padding():
+    batch = padded_batch(None)  # lengths 12, 9, 7, 12
+    keep = torch.tensor([False, True, True, False])
+    plan = {"keep": keep, "token_keep": (batch["labels"] != -100)}
+    out = apply_plan(batch, plan)
+    assert out["input_ids"].shape == (2, 9) and out["token_weights"].shape == (2, 9)
+    assert torch.equal(out["labels"], batch["labels"][keep][:, :9])
+    assert apply_plan(batch, plan, trim=False)["input_ids"].shape == (2, 12)
+

@@ -8,7 +8,7 @@ project page and the behaviour of the (since deleted) official code, as summaris
 Per training micro-batch:
 
 1. **EU plane.** Every sample gets an *error* (perplexity over its response tokens) and an
-   *uncertainty* (mean predictive entropy) from the current model (:func:`token_stats`,
+   *uncertainty* (mean predictive entropy) from the current model (:func:`.scoring.token_stats`,
    :func:`eu_coordinates`).
 2. **Sample triage.** Quantile thresholds are found by bisection (:func:`bisect_quadrants`) so
    that Q2 (high error, low uncertainty) and Q4 (low error, high uncertainty) together hold about
@@ -26,9 +26,15 @@ Per training micro-batch:
 **Passes this pruner costs** (``scoring_pass="separate"``, the only mode): one forward **without
 gradients**, in eval mode, over the full micro-batch, run here in the DataModule's
 ``on_after_batch_transfer``; then the ordinary training forward + backward over the *kept rows
-only*. The no-grad pass pays for itself because it removes ``1 - sample_ratio`` of the rows from the
-forward + backward (the official code masks the loss of a full-batch forward, which saves nothing).
-No forward with gradients is ever run twice.
+only* (trailing columns that are padding in every kept row are cut first). The no-grad pass pays for
+itself because it removes ``1 - sample_ratio`` of the rows from the forward + backward (the official
+code masks the loss of a full-batch forward, which saves nothing). No forward with gradients is ever
+run twice. The scoring pass is made cheap without changing what it computes (:mod:`.scoring`,
+``fast_scoring=True``): the decoder body runs once, the LM head only at the positions the plan reads
+(response positions, or every non-pad position with ``entropy_positions="all"``), with a plain LoRA
+head the adapter deltas are merged into temporary weights for the pass, and loss and entropy come from
+one ``log_softmax`` per position. The per-sample decision (bisection, fill-up) runs on host copies of
+the ``(B,)`` vectors, and the logged counts leave the device in one transfer.
 
 Departures from the paper / official code (all flagged):
 
@@ -64,28 +70,12 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback
 
 from . import PRUNING_STATS_KEY, BatchPruner, check_ratio
+from .scoring import reference_logits, score_tokens, token_stats
 
 IGNORE_INDEX = -100
 
 
 # ---------------------------------------------------------------------------------------- pure scoring
-def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token loss and entropy, **aligned with labels** (index ``t`` = predicting token ``t``).
-
-    ``loss[b, t] = -log p(labels[b, t] | x_<t)`` from ``logits[b, t-1]`` (0 where the label is -100),
-    ``entropy[b, t]`` = entropy of ``softmax(logits[b, t-1])``; column 0 is 0. Computed in fp32 with
-    ``H = logsumexp(z) - sum softmax(z) * z``.
-    """
-    z = logits[:, :-1].float()
-    tgt = labels[:, 1:]
-    ce = F.cross_entropy(z.reshape(-1, z.size(-1)), tgt.reshape(-1), ignore_index=IGNORE_INDEX,
-                         reduction="none").view_as(tgt)
-    lse = torch.logsumexp(z, dim=-1)
-    ent = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
-    zero = torch.zeros_like(ce[:, :1])
-    return torch.cat([zero, ce], 1), torch.cat([zero, ent], 1)
-
-
 def eu_coordinates(token_loss: torch.Tensor, token_entropy: torch.Tensor, response_mask: torch.Tensor,
                    entropy_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample ``ppl = exp(mean loss over response_mask)`` and ``ent = mean entropy over entropy_mask``.
@@ -198,16 +188,21 @@ def plan_pruning(token_loss: torch.Tensor, token_entropy: torch.Tensor, response
     has_resp = response_mask.any(1)
     ent_mask = response_mask if entropy_positions == "response" else valid_mask
     ppl, ent = eu_coordinates(token_loss, token_entropy, response_mask, ent_mask)
+    # the per-sample decision runs on host copies of the (B,) vectors: one transfer instead of a host
+    # sync per bisection step on an accelerator
+    device = response_mask.device
+    ppl, ent, has_resp_c = ppl.double().cpu(), ent.double().cpu(), has_resp.cpu()
     b = ppl.numel()
     q2, q4, alpha, th = bisect_quadrants(ppl, ent, sample_ratio)
-    q2, q4 = q2 & has_resp, q4 & has_resp
-    k = min(max(1, round(b * sample_ratio)), int(has_resp.sum()))
-    keep, q2like = fill_up(ppl, ent, q2, q4, k, eligible=has_resp)
+    q2, q4 = q2 & has_resp_c, q4 & has_resp_c
+    k = min(max(1, round(b * sample_ratio)), int(has_resp_c.sum()))
+    keep, q2like = fill_up(ppl, ent, q2, q4, k, eligible=has_resp_c)
     # quadrant labels for logging / plotting: Q1 high-high, Q3 low-low (relative to the medians of the
     # thresholds, like the project page's partition lines)
     p_mid, e_mid = (th[0] + th[1]) / 2, (th[2] + th[3]) / 2
-    q1 = ~q2 & ~q4 & (ppl.double() > p_mid) & (ent.double() > e_mid)
+    q1 = ~q2 & ~q4 & (ppl > p_mid) & (ent > e_mid)
     q3 = ~q2 & ~q4 & ~q1
+    keep, q2like, q1, q2, q3, q4 = (t.to(device) for t in (keep, q2like, q1, q2, q3, q4))
 
     count_mask = response_mask if budget_positions == "response" else valid_mask
     tot = int(count_mask.sum())
@@ -237,10 +232,16 @@ def plan_pruning(token_loss: torch.Tensor, token_entropy: torch.Tensor, response
             "target": target, "tot": tot, "need": need}
 
 
-def apply_plan(batch: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
-    """Drop the rows not in ``plan["keep"]`` (every tensor the same way) and add ``token_weights``."""
+def apply_plan(batch: dict[str, Any], plan: dict[str, Any], trim: bool = True) -> dict[str, Any]:
+    """Drop the rows not in ``plan["keep"]`` (every tensor the same way) and add ``token_weights``.
+
+    With ``trim``, columns after the last non-pad position of the kept rows (``attention_mask`` 0 in
+    every kept row, so right padding only) are cut from every ``(B, S, ...)`` tensor: the training
+    forward then runs on the kept rows' own width. Under causal attention this changes no output.
+    """
     keep = plan["keep"]
     b = keep.numel()
+    width = batch["labels"].shape[1]
     weights = plan["token_keep"].to(torch.float32)
     old = batch.get("token_weights")
     if old is not None:
@@ -252,6 +253,14 @@ def apply_plan(batch: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     out["token_weights"] = weights[keep]
+    mask = out.get("attention_mask")
+    if trim and mask is not None and mask.dim() == 2 and mask.shape[0] > 0:
+        cols = mask.bool().any(0).nonzero()
+        new_width = int(cols.max()) + 1 if cols.numel() else width
+        if new_width < width:
+            for key, value in out.items():
+                if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == (mask.shape[0], width):
+                    out[key] = value[:, :new_width]
     return out
 
 
@@ -267,11 +276,17 @@ class QTuning(BatchPruner):
         budget_positions: ``"response"`` (default) or ``"all"`` (official parity: prompt included).
         drop: ``"highest"`` (the method) or ``"lowest"`` (the ``fwise`` ablation).
         plot_every_epoch: draw the EU-plane scatter plot at each training epoch end.
+        fast_scoring: score with the decoder body plus the LM head at the needed positions only, LoRA
+            deltas merged for the pass (:mod:`.scoring`; same function, float rounding differs at ~1e-6
+            relative); False runs the module's plain forward (the reference). Backbones or heads the
+            fast route does not know always take the reference route.
+        trim_padding: after dropping rows, cut the columns that are padding in every kept row.
     """
 
     def __init__(self, sample_ratio: float = 0.25, token_ratio: float = 0.5, lam: float = 0.5,
                  entropy_positions: str = "response", budget_positions: str = "response",
-                 drop: str = "highest", plot_every_epoch: bool = True) -> None:
+                 drop: str = "highest", plot_every_epoch: bool = True, fast_scoring: bool = True,
+                 trim_padding: bool = True) -> None:
         check_ratio("sample_ratio", sample_ratio)
         check_ratio("token_ratio", token_ratio)
         if not 0.0 <= lam <= 1.0:
@@ -288,6 +303,8 @@ class QTuning(BatchPruner):
         self.budget_positions = budget_positions
         self.drop = drop
         self.plot_every_epoch = plot_every_epoch
+        self.fast_scoring = bool(fast_scoring)
+        self.trim_padding = bool(trim_padding)
         self._points: list[tuple[float, float, int]] = []
         self._thresholds: tuple[float, float, float, float] | None = None
         self._callback_added = False
@@ -305,22 +322,14 @@ class QTuning(BatchPruner):
 
     # ---------------------------------------------------------------- scoring pass
     @staticmethod
-    @torch.no_grad()
     def score_logits(model: Any, batch: dict[str, Any]) -> torch.Tensor:
-        """The no-grad, eval-mode forward of ``model`` (a ``PeftModule``) over the full batch."""
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():  # scoring only: no graph, no activations kept
-                out = model(batch)
-        finally:
-            model.train(was_training)
-        logits = out.logits
-        if logits.shape[1] > batch["labels"].shape[1]:
-            logits = logits[:, -batch["labels"].shape[1]:]
-        return logits
+        """The reference scoring pass: the no-grad, eval-mode forward of ``model`` (a ``PeftModule``) over
+        the full batch, logits aligned with the labels."""
+        return reference_logits(model, batch)
 
-    def plan(self, logits: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
+    def masks(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Label-aligned ``(response, valid, needed)`` masks: response tokens, non-pad positions (column 0
+        never) and the positions whose loss or entropy the plan reads."""
         labels = batch["labels"]
         mask = batch.get("attention_mask")
         if mask is None:
@@ -329,9 +338,22 @@ class QTuning(BatchPruner):
         valid[:, 1:] = mask[:, 1:].bool()
         response = (labels != IGNORE_INDEX) & mask.bool()
         response[:, 0] = False
-        loss, ent = token_stats(logits, labels)
+        needed = response if self.entropy_positions == "response" else response | valid
+        return response, valid, needed
+
+    def plan_from_stats(self, loss: torch.Tensor, ent: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
+        response, valid, _ = self.masks(batch)
         return plan_pruning(loss, ent, response, valid, self.sample_ratio, self.token_ratio, self.lam,
                             self.entropy_positions, self.budget_positions, self.drop)
+
+    def plan(self, logits: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
+        """The decision from full logits (the reference route)."""
+        loss, ent = token_stats(logits, batch["labels"], self.masks(batch)[2])
+        return self.plan_from_stats(loss, ent, batch)
+
+    def score(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Label-aligned per-token ``(loss, entropy)`` of the current model at the needed positions."""
+        return score_tokens(model, batch, self.masks(batch)[2], fast=self.fast_scoring)
 
     def __call__(self, batch: dict[str, Any], model: Any = None) -> dict[str, Any]:
         if model is None:
@@ -346,14 +368,16 @@ class QTuning(BatchPruner):
             rank_zero_warn("QTuning got a training batch with no response tokens (all labels -100); it is "
                            "passed through unpruned. Check the prompt masking / max_length.")
             return batch
-        plan = self.plan(self.score_logits(model, batch), batch)
-        out = apply_plan(batch, plan)
+        plan = self.plan_from_stats(*self.score(model, batch), batch)
+        out = apply_plan(batch, plan, trim=self.trim_padding)
+        counts = torch.stack([plan[k].sum() for k in ("keep", "token_keep", "q1", "q2", "q3", "q4", "q2like")])
+        counts = torch.cat([counts, (labels != IGNORE_INDEX).sum().reshape(1)]).tolist()  # one host sync
+        kept_samples, kept_tokens, q1, q2, q3, q4, q2like, labelled = counts
         stats = {
-            "kept_samples": float(plan["keep"].sum()),
-            "kept_tokens": float(out["token_weights"].sum()),
-            "kept_token_fraction": float(plan["token_keep"].sum()) / max(1, int(((labels != IGNORE_INDEX)).sum())),
-            "q1": float(plan["q1"].sum()), "q2": float(plan["q2"].sum()), "q3": float(plan["q3"].sum()),
-            "q4": float(plan["q4"].sum()), "q2like": float(plan["q2like"].sum()), "alpha": float(plan["alpha"]),
+            "kept_samples": float(kept_samples), "kept_tokens": float(kept_tokens),
+            "kept_token_fraction": kept_tokens / max(1, labelled),
+            "q1": float(q1), "q2": float(q2), "q3": float(q3), "q4": float(q4), "q2like": float(q2like),
+            "alpha": float(plan["alpha"]),
         }
         out[PRUNING_STATS_KEY] = stats
         self._record(plan, model)

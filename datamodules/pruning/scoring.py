@@ -1,0 +1,224 @@
+"""Per-token losses and entropies of the current model, computed cheaply for a pruner's scoring pass.
+
+A pruner that scores a batch before the training step (QTuning) needs, at some label positions
+``t``, the loss ``-log p(labels[t] | x_<t)`` and the predictive entropy of ``softmax(logits[t-1])``.
+:func:`token_stats` computes both from full logits (one ``log_softmax`` per position, in fp32, in
+row chunks so a large vocabulary never materialises more than a few ``chunk x vocab`` tensors).
+
+:func:`score_tokens` gets them from a ``CausalLM`` under ``torch.no_grad()`` in eval mode, by one of
+two routes that compute the same function:
+
+* **reference**: the module's ordinary forward over the whole batch, then :func:`token_stats`;
+* **fast** (when the backbone allows it, see :func:`fast_parts`): the decoder body runs on the columns
+  up to the last needed position, and the LM head is applied only at the needed positions (a prompt
+  or padding position costs no ``hidden x vocab`` product). With a plain LoRA head the adapter deltas
+  are merged into temporary weights ``W + s B A`` for this pass (``torch.func.functional_call``; the
+  model's own weights are never touched), so the no-grad forward costs what the bare backbone costs.
+  Float rounding differs from the reference at the 1e-6 relative level (tested to 1e-5 on per-sample
+  statistics; selections on the tests' batches are identical).
+
+Anything the fast route does not know (prompt-learning heads, DoRA and other LoRA variants, other peft
+methods, ``modules_to_save``, backbones outside :data:`FAST_MODEL_TYPES`, heads that feed extra
+forward inputs) takes the reference route.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+#: backbones whose causal-LM forward is ``lm_head(body(x).last_hidden_state)`` with nothing after it
+FAST_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+#: at most this many ``rows x vocab`` fp32 elements per chunk in :func:`token_stats`
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, V) logits, (N,) targets -> per-row CE (0 where the target is -100) and entropy, fp32."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    tgt = targets.clamp(min=0).unsqueeze(1)
+    ce = -lp.gather(1, tgt).squeeze(1)
+    ce = torch.where(targets == IGNORE_INDEX, torch.zeros_like(ce), ce)
+    ent = -(lp.exp() * lp).sum(-1)
+    return ce, ent
+
+
+def _chunked(rows: torch.Tensor, targets: torch.Tensor, head, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply ``head`` (or nothing) and :func:`_row_stats` to ``rows`` in chunks of bounded size."""
+    n = rows.shape[0]
+    step = max(1, CHUNK_ELEMENTS // max(1, vocab))
+    ces, ents = [], []
+    for i in range(0, n, step):
+        z = rows[i : i + step]
+        if head is not None:
+            z = head(z)
+        ce, ent = _row_stats(z, targets[i : i + step])
+        ces.append(ce)
+        ents.append(ent)
+    if not ces:
+        empty = rows.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(ces), torch.cat(ents)
+
+
+def token_stats(
+    logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss and entropy, **aligned with labels** (index ``t`` = predicting token ``t``).
+
+    ``loss[b, t] = -log p(labels[b, t] | x_<t)`` from ``logits[b, t-1]`` (0 where the label is -100),
+    ``entropy[b, t]`` = entropy of ``softmax(logits[b, t-1])``; column 0 is 0. With ``positions`` (a
+    bool (B, S) mask) only those entries are computed, the rest are 0. fp32, one ``log_softmax`` per row.
+    """
+    b, s = labels.shape
+    need = torch.ones(b, s - 1, dtype=torch.bool, device=labels.device) if positions is None else positions[:, 1:]
+    loss = torch.zeros(b, s, dtype=torch.float32, device=logits.device)
+    ent = torch.zeros_like(loss)
+    if s < 2:
+        return loss, ent
+    ce, h = _chunked(logits[:, :-1][need], labels[:, 1:][need], None, logits.shape[-1])
+    loss[:, 1:][need] = ce
+    ent[:, 1:][need] = h
+    return loss, ent
+
+
+# ---------------------------------------------------------------------------------------- fast route
+def _lora_layers(model: nn.Module) -> list[nn.Module] | None:
+    """The peft tuner layers of ``model`` if all are plain LoRA ``Linear`` layers (no variant, no lora
+    bias, not merged, adapters on); ``[]`` without peft layers; None when any other kind is present."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return []
+    layers = []
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            return None
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        if type(module) is not LoraLinear or module.merged or module.disable_adapters:
+            return None
+        for name in module.active_adapters:
+            if name in module.lora_A and (name in module.lora_variant or module.lora_bias.get(name, False)):
+                return None
+        layers.append(module)
+    return layers
+
+
+def fast_parts(module: Any, batch: dict[str, Any]) -> tuple[nn.Module, nn.Module, list[nn.Module]] | None:
+    """``(body, lm_head, lora_layers)`` when the fast route computes the module's function, else None."""
+    model = getattr(module, "model", None)
+    head = getattr(module, "head", None)
+    if model is None or head is None or head.forward_inputs(batch):
+        return None
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        PeftModel = ()  # noqa: N806
+    if isinstance(model, PeftModel):
+        if model.active_peft_config.is_prompt_learning:
+            return None
+        model = model.get_base_model()
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in FAST_MODEL_TYPES:
+        return None
+    body = getattr(model, "base_model", None)
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is None or body is model or lm_head is None:
+        return None
+    layers = _lora_layers(model)
+    if layers is None:
+        return None
+    return body, lm_head, layers
+
+
+def _merged_weights(root: nn.Module, layers: list[nn.Module]) -> dict[str, torch.Tensor]:
+    """``{name of base_layer.weight under root: W + sum of active LoRA deltas}`` for the layers inside root."""
+    wanted = {id(m) for m in layers}
+    out = {}
+    for name, mod in root.named_modules():
+        if id(mod) not in wanted:
+            continue
+        weight = mod.base_layer.weight
+        delta = None
+        for adapter in mod.active_adapters:
+            if adapter in mod.lora_A:
+                d = mod.get_delta_weight(adapter)
+                delta = d if delta is None else delta + d
+        if delta is not None:
+            out[f"{name}.base_layer.weight" if name else "base_layer.weight"] = weight + delta.to(weight.dtype)
+    return out
+
+
+def _fast_stats(parts, batch: dict[str, Any], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from torch.func import functional_call
+
+    body, lm_head, layers = parts
+    labels = batch["labels"]
+    b, s = labels.shape
+    loss = torch.zeros(b, s, dtype=torch.float32, device=labels.device)
+    ent = torch.zeros_like(loss)
+    need = positions[:, 1:]  # hidden position t-1 predicts label t
+    cols = need.any(0).nonzero()
+    if cols.numel() == 0:
+        return loss, ent
+    width = int(cols.max()) + 1
+    inputs = {"input_ids": batch["input_ids"][:, :width], "use_cache": False}
+    if batch.get("attention_mask") is not None:
+        inputs["attention_mask"] = batch["attention_mask"][:, :width]
+    for layer in layers:  # the merged weights below replace the adapter path for this pass
+        layer._disable_adapters = True  # (enable_adapters(False) would also flip requires_grad)
+    try:
+        hidden = functional_call(body, _merged_weights(body, layers), args=(), kwargs=inputs).last_hidden_state
+        head_weights = _merged_weights(lm_head, layers)
+        head_fn = (lambda h: functional_call(lm_head, head_weights, (h,))) if head_weights else lm_head
+        vocab = int(getattr(lm_head, "out_features", 0) or lm_head.weight.shape[0])
+        ce, h = _chunked(hidden[need[:, :width]], labels[:, 1 : width + 1][need[:, :width]], head_fn, vocab)
+    finally:
+        for layer in layers:
+            layer._disable_adapters = False
+    loss[:, 1 : width + 1][need[:, :width]] = ce
+    ent[:, 1 : width + 1][need[:, :width]] = h
+    return loss, ent
+
+
+@torch.no_grad()
+def reference_logits(module: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """The module's ordinary forward over the whole batch (eval mode, no graph), aligned with labels."""
+    was_training = module.training
+    module.eval()
+    try:
+        logits = module(batch).logits
+    finally:
+        module.train(was_training)
+    if logits.shape[1] > batch["labels"].shape[1]:
+        logits = logits[:, -batch["labels"].shape[1] :]
+    return logits
+
+
+@torch.no_grad()
+def score_tokens(
+    module: Any, batch: dict[str, Any], positions: torch.Tensor, fast: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label-aligned per-token ``(loss, entropy)`` of ``module`` (a ``CausalLM``) at ``positions``.
+
+    No graph is built and dropout is off (eval mode, restored afterwards). ``fast=False`` or a model the
+    fast route does not know takes the reference route (see the module docstring).
+    """
+    parts = fast_parts(module, batch) if fast else None
+    if parts is None:
+        return token_stats(reference_logits(module, batch), batch["labels"], positions)
+    was_training = module.training
+    module.eval()
+    try:
+        return _fast_stats(parts, batch, positions)
+    finally:
+        module.train(was_training)
+
+
+__all__ = ["FAST_MODEL_TYPES", "fast_parts", "reference_logits", "score_tokens", "token_stats"]
