@@ -442,3 +442,180 @@ def test_apply_plan_trims_trailing_padding():
     assert torch.equal(out["labels"], batch["labels"][keep][:, :9])
     assert apply_plan(batch, plan, trim=False)["input_ids"].shape == (2, 12)
 
+
+# ------------------------------------------------------------------------------------- SSToken history modes
+def _current_losses(module, batch):
+    module.eval()
+    with torch.no_grad():
+        out = token_losses(module(batch).logits, batch["labels"])
+    module.train()
+    return out
+
+
+def test_sstoken_copy_history_with_full_finetuning():
+    """history='auto' + FullFineTune -> a frozen copy of the base: REL is 0 at step 0 and, after an update,
+    equals (base losses - current losses) computed by hand from a freshly built base model."""
+    from lightning_peft.backbones import load_backbone
+    from lightning_peft.heads import FullFineTune
+
+    torch.manual_seed(0)
+    module = CausalLM(backbone="tiny-llama", head=FullFineTune()).train()
+    batch = padded_batch(module.tokenizer, seed=4)
+    pruner = SSToken(gamma=1.0, rho=0.5, rel_warmup_fraction=0.0)
+    assert pruner._mode(module) == "copy"
+    torch.testing.assert_close(pruner.history_losses(module, batch), _current_losses(module, batch), rtol=0, atol=1e-6)
+    out = pruner(batch, model=module)
+    TokenCrossEntropy()(module(out).logits, out)  # the training forward + the selector
+    assert abs(out["pruning_stats"]["rel_mean"]) < 1e-6
+
+    opt = torch.optim.SGD(module.parameters(), lr=0.5)
+    loss = TokenCrossEntropy()(module(batch).logits, batch)
+    loss.backward()
+    opt.step()
+    base, _ = load_backbone("tiny-llama")
+    with torch.no_grad():
+        want_history = token_losses(base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                    batch["labels"])
+    history = pruner.history_losses(module, batch)
+    torch.testing.assert_close(history, want_history, rtol=0, atol=1e-6)  # the copy did not train
+    current = _current_losses(module, batch)
+    rel = want_history - current
+    response = (batch["labels"] != -100) & batch["attention_mask"].bool()
+    response[:, 0] = False
+    assert (rel[response] > 1e-3).any()  # the update moved the losses
+    out = pruner(batch, model=module)
+    module.eval()  # dropout-free either way; eval makes the selector see exactly `current`
+    TokenCrossEntropy()(module(out).logits, out)
+    module.train()
+    want = select_tokens(rel, torch.zeros_like(rel), response, 1.0, 0.5)
+    assert torch.equal(out["token_weights"].bool(), want)
+    assert out["pruning_stats"]["rel_mean"] == pytest.approx(float(rel[response].mean()), abs=1e-5)
+
+
+def test_sstoken_cache_history(tmp_path, module):
+    """history_cache: per-sample history losses written once, looked up per sample (by a hash of its
+    token ids, so row order does not matter); a sample not in the cache is a clear error."""
+    batch = padded_batch(module.tokenizer, seed=5)
+    history_model = CausalLM(backbone="tiny-llama", head=LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    _randomised(history_model, seed=7)
+    path = str(tmp_path / "history.pt")
+    assert SSToken.build_history_cache(history_model, [batch], path) == 4
+    want = _current_losses(history_model, batch)
+    pruner = SSToken(history_cache=path)
+    assert pruner.history == "cache"
+    got = pruner.history_losses(module, batch)
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[mask], want[mask], rtol=0, atol=1e-6)
+    assert (got[~mask] == 0).all()
+    flipped = {k: v.flip(0) for k, v in batch.items()}
+    torch.testing.assert_close(pruner.history_losses(module, flipped), got.flip(0), rtol=0, atol=0)
+    other = padded_batch(module.tokenizer, seed=6)
+    with pytest.raises(KeyError, match="no entry for a training sample"):
+        pruner.history_losses(module, other)
+    with pytest.raises(ValueError, match="needs history_cache"):
+        SSToken(history="cache")
+
+
+# ------------------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("make_pruner", [lambda: QTuning(sample_ratio=0.5, token_ratio=0.5, plot_every_epoch=False),
+                                         lambda: SSToken(rho=0.6, rel_warmup_steps=3)], ids=["qtuning", "sstoken"])
+def test_pruned_run_resumes_exactly(tmp_path, make_pruner):
+    """6 batches per epoch; stop at step 4 (mid-epoch), resume to step 8 (across the epoch end, and for
+    SSToken across its warm-up end) == an uninterrupted 8-step run, to 1e-6."""
+    import glob
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def build():
+        module = CausalLM(backbone="tiny-llama", head=LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+        module.set_optimizer("torch.optim.AdamW", lr=1e-2)
+        return module
+
+    def data():
+        return SyntheticSFTDataModule(task="copy", num_digits=3, num_train=48, num_val=4, batch_size=8, seed=0,
+                                      pruner=make_pruner())
+
+    def trainer(root, steps, callbacks=()):
+        return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, default_root_dir=str(root), logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0, callbacks=list(callbacks))
+
+    def trainable(module):
+        return {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+
+    L.seed_everything(0)
+    full = build()
+    trainer(tmp_path / "a", 8).fit(full, datamodule=data())
+    L.seed_everything(0)
+    first = build()
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "b"), every_n_train_steps=4, save_top_k=-1)
+    trainer(tmp_path / "b", 4, [ckpt]).fit(first, datamodule=data())
+    path = glob.glob(str(tmp_path / "b" / "*step=4*.ckpt"))[0]
+    L.seed_everything(123)  # the resumed run must not depend on the global seed
+    resumed = build()
+    trainer(tmp_path / "c", 8).fit(resumed, datamodule=data(), ckpt_path=path)
+    a, b = trainable(full), trainable(resumed)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+    assert any(not torch.equal(a[n], v) for n, v in trainable(build()).items())  # the run really moved
+
+
+# ------------------------------------------------------------------------------------- bad input
+def test_other_bad_values():
+    for kwargs in ({"lam": -0.1}, {"lam": 1.5}, {"entropy_positions": "prompt"}, {"budget_positions": "x"},
+                   {"drop": "random"}, {"sample_ratio": float("nan")}, {"token_ratio": "0.5"}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            QTuning(**kwargs)
+    for kwargs in ({"gamma": 1.5}, {"gamma": -1}, {"rel_warmup_fraction": 2.0}, {"history": "ema"},
+                   {"rho": 0}, {"rho": float("nan")}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            SSToken(**kwargs)
+
+
+def test_sstoken_no_response_batch_and_rows_without_response(module):
+    batch = padded_batch(module.tokenizer, seed=8)
+    empty = {k: v.clone() for k, v in batch.items()}
+    empty["labels"][:] = -100
+    with pytest.warns(UserWarning, match="no response tokens"):
+        assert SSToken()(empty, model=module) is empty  # documented: passed through unselected
+    # a batch in which some rows have no response: those rows keep nothing, the others their ceil(rho*|R|)
+    mixed = {k: v.clone() for k, v in batch.items()}
+    mixed["labels"][1:3] = -100
+    out = SSToken(gamma=0.0, rho=0.5)(mixed, model=module)
+    loss = TokenCrossEntropy()(module(out).logits, out)
+    assert torch.isfinite(loss)
+    kept = out["token_weights"].sum(1)
+    assert kept[1] == 0 and kept[2] == 0 and kept[0] > 0 and kept[3] > 0
+    q = QTuning(sample_ratio=0.75, token_ratio=1.0)(mixed, model=module)
+    assert q["input_ids"].shape[0] == 2  # rows without a response are never kept (K capped at 2)
+
+
+def test_tokenizer_without_pad_token(module):
+    """A tokenizer without a pad token: the collator pads with EOS (documented), and the pruners read the
+    attention mask, never the pad id, so EOS tokens inside responses still count and the decisions equal
+    those on the same batch padded with a real pad id."""
+    import copy
+
+    from lightning_peft.datamodules.common import CausalLMCollator, encode_sft, pad_id_of
+
+    tok = copy.deepcopy(module.tokenizer)
+    tok.pad_token = None
+    assert tok.pad_token_id is None and pad_id_of(tok) == tok.eos_token_id
+    prompts = ["12+3=", "4+4=", "100+20=", "7+0=", "9+9=", "1+1="]
+    answers = ["15", "8", "120", "7", "18", "2"]
+    examples, _ = encode_sft(prompts, answers, tok, max_length=32)
+    eos_padded = CausalLMCollator(pad_id_of(tok))(examples)
+    pad_padded = CausalLMCollator(0)(examples)
+    assert (eos_padded["input_ids"] == tok.eos_token_id).sum() > len(examples)  # EOS in responses and as padding
+    for make in (lambda: QTuning(sample_ratio=0.5, token_ratio=0.5, plot_every_epoch=False),
+                 lambda: SSToken(gamma=0.0, rho=0.5)):
+        outs = []
+        for batch in (eos_padded, pad_padded):
+            out = make()({k: v.clone() for k, v in batch.items()}, model=module)
+            if "token_selector" in out:
+                TokenCrossEntropy()(module(out).logits, out)
+            outs.append(out)
+        assert torch.equal(outs[0]["token_weights"], outs[1]["token_weights"])
+        assert torch.equal(outs[0]["labels"], outs[1]["labels"])
+        eos_label = (outs[0]["labels"] == tok.eos_token_id)
+        assert eos_label.any() and (outs[0]["token_weights"][eos_label] >= 0).all()
