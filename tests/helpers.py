@@ -68,6 +68,15 @@ def logits(module_or_model, batch) -> torch.Tensor:
     return out
 
 
+def cpu_trainer(root, max_steps: int, callbacks=(), **kw) -> L.Trainer:
+    """A quiet single-process CPU Trainer for tests (no logger, no validation, no progress bar)."""
+    args = {"accelerator": "cpu", "devices": 1, "max_steps": max_steps, "default_root_dir": str(root), "logger": False,
+            "enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 0,
+            "num_sanity_val_steps": 0, "callbacks": list(callbacks)}
+    args.update(kw)
+    return L.Trainer(**args)
+
+
 def cpu_threads() -> None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -11,7 +11,7 @@ import random
 import lightning as L
 import pytest
 import torch
-from helpers import REPO, run_cli_ranks
+from helpers import REPO, cpu_trainer, run_cli_ranks
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_peft import CausalLM
@@ -316,10 +316,7 @@ def test_backprop_stops_below_the_deepest_selected_tensor():
 
 
 # ------------------------------------------------------------------------------------------ Trainer runs
-def _trainer(root, max_steps, callbacks=(), **kw):
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, default_root_dir=str(root), logger=False,
-                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                     num_sanity_val_steps=0, callbacks=list(callbacks), **kw)
+_trainer = cpu_trainer
 
 
 def _data():

@@ -9,7 +9,7 @@ import random
 import lightning as L
 import pytest
 import torch
-from helpers import REPO, causal_batch, class_batch, run_cli_ranks
+from helpers import REPO, causal_batch, class_batch, cpu_trainer, run_cli_ranks
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -259,11 +259,7 @@ def _data(task="copy"):
     return SyntheticSFTDataModule(task=task, num_train=64, num_val=8, batch_size=8, num_digits=2, seed=0)
 
 
-def _trainer(root, max_steps, callbacks, **kw):
-    kw.setdefault("logger", False)
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, default_root_dir=str(root),
-                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                     num_sanity_val_steps=0, callbacks=list(callbacks), **kw)
+_trainer = cpu_trainer
 
 
 def _module():

@@ -7,7 +7,7 @@ import glob
 import lightning as L
 import pytest
 import torch
-from helpers import REPO, cpu_threads, run_cli_ranks
+from helpers import REPO, cpu_threads, cpu_trainer, run_cli_ranks
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_peft import CausalLM
@@ -20,10 +20,7 @@ ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 cpu_threads()
 
 
-def _trainer(root, max_steps, callbacks=(), **kw):
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, default_root_dir=str(root), logger=False,
-                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                     num_sanity_val_steps=0, callbacks=list(callbacks), **kw)
+_trainer = cpu_trainer
 
 
 def _data():

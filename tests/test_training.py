@@ -8,7 +8,7 @@ import os
 import lightning as L
 import pytest
 import torch
-from helpers import REPO, causal_batch
+from helpers import REPO, causal_batch, cpu_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_peft import CausalLM, SequenceClassifier
@@ -21,12 +21,7 @@ from lightning_peft.heads import FullFineTune, LoRA, PeftHead
 QUICKSTART = str(REPO / "examples" / "quickstart.yaml")
 
 
-def _trainer(root, max_steps, callbacks=(), **kw):
-    return L.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, default_root_dir=str(root), logger=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        num_sanity_val_steps=0, callbacks=list(callbacks), **kw,
-    )
+_trainer = cpu_trainer
 
 
 def _data():
