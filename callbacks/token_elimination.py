@@ -19,9 +19,10 @@ In every sparsified layer, for every sample:
 
 Their Q/K/V/attention activations are never created, which is where the memory goes.
 
-**Schedule.** Dense for ``warmup_steps`` optimizer steps, then the keep ratio ramps linearly from 1 to
-its target over ``ramp_steps``. Default layers as in the released code: the first half of the layers
-and the last layer stay dense, the others keep ``keep_ratio = 0.4``; ``dense_layers`` and
+**Schedule.** Dense while predictors/thresholds are being calibrated and for ``warmup_steps``
+optimizer steps, then the keep ratio ramps linearly from 1 to its target over ``ramp_steps`` (counted
+from the first step at which elimination may start). Default layers as in the released code: the
+first half of the layers and the last layer stay dense, the others keep ``keep_ratio = 0.4``; ``dense_layers`` and
 ``layer_ratios`` override. Elimination acts in training only (``apply_in_eval=False``): validation,
 test and generation run dense, which is how the fine-tuned model will be used.
 
@@ -117,8 +118,8 @@ class TokenElimination(L.Callback):
         thresholds: per-layer thresholds for ``policy="threshold"`` (default: calibrated means).
         scorer: ``"predictor"`` (paper's runtime path) or ``"exact"`` (reference; needs full Q K).
         symmetrize: add ``triu(B^T, 1)`` before the column sum of exact scores (released code).
-        warmup_steps: dense optimizer steps before elimination (at least ``calibration_batches``
-            when predictors or thresholds must be calibrated).
+        warmup_steps: dense optimizer steps before elimination (calibration steps always run dense,
+            whatever this says).
         ramp_steps: steps over which the keep ratio falls linearly from 1 to its target.
         calibration_batches: training batches whose activations train the predictors (the last is
             held out for the recall report when there are two or more).
@@ -141,7 +142,7 @@ class TokenElimination(L.Callback):
         thresholds: dict[int, float] | None = None,
         scorer: str = "predictor",
         symmetrize: bool = True,
-        warmup_steps: int | None = None,
+        warmup_steps: int = 0,
         ramp_steps: int = 0,
         calibration_batches: int = 4,
         predictor_steps: int = 300,
@@ -178,7 +179,9 @@ class TokenElimination(L.Callback):
         self.thresholds = {int(k): float(v) for k, v in thresholds.items()} if thresholds else None
         self.scorer = scorer
         self.symmetrize = bool(symmetrize)
-        self.warmup_steps = warmup_steps
+        if int(warmup_steps) < 0 or int(ramp_steps) < 0:
+            raise TokenEliminationError(f"warmup_steps={warmup_steps} and ramp_steps={ramp_steps} must be >= 0.")
+        self.warmup_steps = int(warmup_steps)
         self.ramp_steps = int(ramp_steps)
         self.calibration_batches = int(calibration_batches)
         self.predictor_steps = int(predictor_steps)
@@ -203,6 +206,7 @@ class TokenElimination(L.Callback):
         self._token_valid: torch.Tensor | None = None
         self._step = 0
         self._calibrated = False
+        self._calibrated_at = 0  # the optimizer step after which calibration ended
         self._collect: dict[int, list[tuple[torch.Tensor, ...]]] | None = None
         self._seen_calibration = 0
         self._pending_state: dict[str, Any] | None = None
@@ -304,12 +308,13 @@ class TokenElimination(L.Callback):
     # ------------------------------------------------------------------ schedule
     def current_ratio(self, layer: int) -> float | None:
         """Keep ratio of ``layer`` at the current step; None while it runs dense."""
-        if layer not in self._sparse or self._step < self._warmup() or self._needs_calibration():
+        start = max(self.warmup_steps, self._calibrated_at)
+        if layer not in self._sparse or self._step < start or self._needs_calibration():
             return None
         target = self._sparse[layer]
         if self.ramp_steps <= 0:
             return target
-        frac = min(1.0, (self._step - self._warmup() + 1) / self.ramp_steps)
+        frac = min(1.0, (self._step - start + 1) / self.ramp_steps)
         return 1.0 - frac * (1.0 - target)
 
     def set_step(self, step: int) -> None:
@@ -321,11 +326,6 @@ class TokenElimination(L.Callback):
             (self.scorer == "predictor" and not self.predictors)
             or (self.policy == "threshold" and self.thresholds is None)
         )
-
-    def _warmup(self) -> int:
-        if self.warmup_steps is not None:
-            return int(self.warmup_steps)
-        return self.calibration_batches if (self.scorer == "predictor" or self.policy == "threshold") else 0
 
     # ------------------------------------------------------------------ the patched forwards
     def _attention_forward(self, layer: int, attn: nn.Module):
@@ -523,6 +523,7 @@ class TokenElimination(L.Callback):
             "predictors": self.predictor_state(),
             "thresholds": {str(i): t for i, t in self.thresholds.items()} if self.thresholds is not None else None,
             "calibrated": self._calibrated,
+            "calibrated_at": self._calibrated_at,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -536,6 +537,7 @@ class TokenElimination(L.Callback):
         if state.get("thresholds") is not None:
             self.thresholds = {int(i): float(t) for i, t in state["thresholds"].items()}
         self._calibrated = bool(state.get("calibrated"))
+        self._calibrated_at = int(state.get("calibrated_at", 0))
         # samples collected before an interruption are not saved: calibration restarts on the next batches
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -549,11 +551,6 @@ class TokenElimination(L.Callback):
         device = pl_module.device
         for p in self.predictors.values():
             p.to(device)
-        if self._needs_calibration() and self._warmup() < self.calibration_batches:
-            raise TokenEliminationError(
-                f"warmup_steps={self.warmup_steps} is shorter than calibration_batches={self.calibration_batches}; "
-                "the first batches must run dense while predictors/thresholds are calibrated."
-            )
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -567,6 +564,7 @@ class TokenElimination(L.Callback):
             self._seen_calibration += 1
             if self._seen_calibration >= self.calibration_batches:
                 self.finish_calibration(progress=trainer.is_global_zero and trainer.progress_bar_callback is not None)
+                self._calibrated_at = trainer.global_step  # the ramp starts from here
                 self._agree(trainer)
                 if self.recall:
                     mean = sum(self.recall.values()) / len(self.recall)

@@ -63,6 +63,7 @@ def test_calibration_phase_trains_frozen_predictors(tmp_path):
     assert "lemo/recall" in trainer.callback_metrics and "lemo/kept_fraction" in trainer.callback_metrics
     # steps 0-1 dense (calibration), steps 2-4 eliminate in the 3 sparsified layers
     assert [layer for layer, _ in cb.selection_log] == [1, 2, 3] * 3
+    assert cb.state_dict()["calibrated_at"] == 2  # a ramp would start here
     # predictors are frozen, outside the module and the optimizer, and unchanged by fine-tuning
     opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     module_params = {id(p) for p in module.parameters()}
