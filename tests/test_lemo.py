@@ -614,3 +614,26 @@ def test_predictors_for_another_shape_are_refused(tmp_path):
     same = TokenElimination(block_size=BLOCK, dense_layers=[0, 1, 3], predictors_path=str(path)).attach(module.model)
     x = torch.randn(B, N, 64)
     torch.testing.assert_close(same.predictors[2](x), cb.predictors[2](x))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_llama_family_layouts(family):
+    import transformers
+
+    cfg_cls, model_cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                          "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[family]
+    torch.manual_seed(0)
+    config = cfg_cls(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=None)
+    model = model_cls(config).train()
+    ids = torch.randint(0, 128, (B, N))
+    ref = model(input_ids=ids).logits
+    cb = TokenElimination(block_size=BLOCK, keep_ratio=1.0, dense_layers=[], scorer="exact").attach(model)
+    cb.selection_log = []
+    torch.testing.assert_close(model(input_ids=ids).logits, ref, atol=1e-5, rtol=1e-5)
+    assert [layer for layer, _ in cb.selection_log] == [0, 1]
+    cb.detach()
+    TokenElimination(block_size=BLOCK, keep_ratio=0.5, dense_layers=[], scorer="exact").attach(model)
+    out = model(input_ids=ids).logits
+    out.sum().backward()
+    assert not torch.allclose(out, ref, atol=1e-3) and torch.isfinite(out).all()
