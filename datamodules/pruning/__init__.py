@@ -11,7 +11,14 @@ batches are never pruned. Each pruner has its own file:
   objective's ``token_selector`` hook; no second forward with gradients).
 
 A pruner may put plain numbers under ``batch["pruning_stats"]``; the module logs them as
-``pruning/<name>`` every training step.
+``pruning/<name>`` every training step. :mod:`.scoring` computes a model's per-token losses and
+entropies for a no-grad scoring pass cheaply (decoder body, LM head only where needed).
+
+Bad input, handled the same way by every pruner here: a ratio outside (0, 1] (or not a number) raises
+``ValueError`` naming it; a training batch without any response token is passed through unchanged with
+a warning (a row without response tokens is never kept or selected from); a tokenizer without a pad
+token needs nothing, because pruners find padding through ``attention_mask``, never through the pad id
+(the collators pad with EOS then, and an EOS inside a response still counts as a response token).
 """
 
 from __future__ import annotations
