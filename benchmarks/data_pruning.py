@@ -14,7 +14,7 @@ data order for full data, QTuning(0.25, 0.5) and SSToken(0.6), then greedy-gener
 ``--eval`` GSM8K test questions, with the untrained base model as a reference row.
 
     python benchmarks/data_pruning.py
-    python benchmarks/data_pruning.py real --threads 1   # ~50 min on 1 busy-machine core; see benchmarks/README.md
+    python benchmarks/data_pruning.py real --threads 1   # 44 min with 1 thread on a shared 2-core CPU (see README)
 """
 
 from __future__ import annotations
