@@ -89,7 +89,7 @@ def tiny(args: argparse.Namespace) -> None:
     data = rows(args.batch * args.steps, args.length, prompt=64)
     variants = {
         "full data": lambda: None,
-        "QTuning(0.25, 0.5)": lambda: QTuning(sample_ratio=0.25, token_ratio=0.5),
+        "QTuning(0.25, 0.5)": lambda: QTuning(sample_ratio=0.25, token_ratio=0.5, plot_every_epoch=False),
         "SSToken(0.6)": lambda: SSToken(rho=0.6),
     }
     times: dict[str, list[float]] = {}
