@@ -207,7 +207,7 @@ def main() -> None:
     print(f"{desc}; LoRA r8/a16 q,k,v,o; 1 x {args.length} tokens; segment {args.segment}; "
           f"{args.rounds} rounds x {args.steps} timed steps per variant, variants alternating step by step")
     print(f"elimination: block 64, keep 0.4 in layers {sorted(kept)}; kept fraction of tokens per sparsified layer "
-          f"{statistics.mean(kept.values()):.3f}")
+          f"{statistics.mean(float(f) for f in kept.values()):.3f}")
     print("| variant | saved for backward (MiB) | dense / variant | peak RSS increase (MiB) | dense / variant "
           "| median step (s) | speed-up vs dense |")
     print("|---|---|---|---|---|---|---|")

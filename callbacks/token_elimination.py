@@ -197,15 +197,14 @@ class TokenElimination(L.Callback):
         self.predictors: dict[int, BlockPredictor] = {}
         self.recall: dict[int, float] = {}
         self.selection_log: list[tuple[int, torch.Tensor]] | None = None  # tests: set to [] to record
-        self.last_kept_fraction: dict[int, float] = {}
+        self.last_kept_fraction: dict[int, torch.Tensor] = {}
         self._hf: nn.Module | None = None
         self._layers: nn.ModuleList | None = None
         self._sparse: dict[int, float] = {}
-        self._patched: list[tuple[nn.Module, str]] = []
+        self._patched: list[nn.Module] = []
         self._hooks: list[Any] = []
         self._token_valid: torch.Tensor | None = None
         self._step = 0
-        self._calibrated = False
         self._calibrated_at = 0  # the optimizer step after which calibration ended
         self._collect: dict[int, list[tuple[torch.Tensor, ...]]] | None = None
         self._seen_calibration = 0
@@ -265,7 +264,7 @@ class TokenElimination(L.Callback):
 
     def detach(self) -> None:
         """Undo :meth:`attach` (the model is unchanged afterwards)."""
-        for module, _ in self._patched:
+        for module in self._patched:
             del module.forward
         for hook in self._hooks:
             hook.remove()
@@ -273,7 +272,7 @@ class TokenElimination(L.Callback):
 
     def _patch(self, module: nn.Module, forward: Any) -> None:
         module.forward = types.MethodType(forward, module)
-        self._patched.append((module, "forward"))
+        self._patched.append(module)
 
     def _check_frozen_mlps(self) -> None:
         for i in self._sparse:
@@ -399,7 +398,8 @@ class TokenElimination(L.Callback):
                                tok_idx, tok_kept)
         if self.selection_log is not None:
             self.selection_log.append((layer, tok_idx.clone()))
-        self.last_kept_fraction[layer] = float(tok_kept.sum()) / max(1.0, float(token_valid.sum()))
+        # a tensor: no host sync in the training step (read when logging)
+        self.last_kept_fraction[layer] = tok_kept.sum() / token_valid.sum().clamp_min(1)
         return out[:, :n]
 
     # ------------------------------------------------------------------ calibration
@@ -453,7 +453,6 @@ class TokenElimination(L.Callback):
                     s = exact if self.scorer == "exact" else predicted_block_scores(self.predictors[i](x), bvalid)
                     means.append(s[bvalid].float().mean())
                 self.thresholds[i] = float(torch.stack(means).mean())
-        self._calibrated = True
         return dict(self.recall)
 
     def calibrate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], progress: bool = True
@@ -522,7 +521,6 @@ class TokenElimination(L.Callback):
         return {
             "predictors": self.predictor_state(),
             "thresholds": {str(i): t for i, t in self.thresholds.items()} if self.thresholds is not None else None,
-            "calibrated": self._calibrated,
             "calibrated_at": self._calibrated_at,
         }
 
@@ -536,7 +534,6 @@ class TokenElimination(L.Callback):
         self._load_predictor_state(state.get("predictors") or {}, source="the checkpoint")
         if state.get("thresholds") is not None:
             self.thresholds = {int(i): float(t) for i, t in state["thresholds"].items()}
-        self._calibrated = bool(state.get("calibrated"))
         self._calibrated_at = int(state.get("calibrated_at", 0))
         # samples collected before an interruption are not saved: calibration restarts on the next batches
 
@@ -573,7 +570,7 @@ class TokenElimination(L.Callback):
                                    + f" (mean {mean:.3f}).")
         active = [f for i, f in self.last_kept_fraction.items() if self.current_ratio(i) is not None]
         if active:
-            pl_module.log("lemo/kept_fraction", sum(active) / len(active), batch_size=_batch_size(batch))
+            pl_module.log("lemo/kept_fraction", float(sum(active)) / len(active), batch_size=_batch_size(batch))
         if self.recall:
             pl_module.log("lemo/recall", sum(self.recall.values()) / len(self.recall), batch_size=_batch_size(batch))
 

@@ -77,6 +77,31 @@ def cpu_trainer(root, max_steps: int, callbacks=(), **kw) -> L.Trainer:
     return L.Trainer(**args)
 
 
+def trainable_state(module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+
+
+def fit_interrupted_and_whole(build, data, root: Path, total: int, cut: int, callbacks=lambda: []):
+    """Fit ``total`` steps in one go, and ``cut`` steps then resume to ``total`` from the step-``cut``
+    checkpoint (global seed changed before resuming). Returns ``(whole, resumed)`` as (module, callbacks)."""
+    import glob
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(0)
+    whole = (build(), callbacks())
+    cpu_trainer(root / "a", total, whole[1]).fit(whole[0], datamodule=data())
+    L.seed_everything(0)
+    first = build()
+    ckpt = ModelCheckpoint(dirpath=str(root / "b"), every_n_train_steps=cut, save_top_k=-1)
+    cpu_trainer(root / "b", cut, [*callbacks(), ckpt]).fit(first, datamodule=data())
+    path = glob.glob(str(root / "b" / f"*step={cut}*.ckpt"))[0]
+    L.seed_everything(123)  # the resumed run must not depend on the global seed
+    resumed = (build(), callbacks())
+    cpu_trainer(root / "c", total, resumed[1]).fit(resumed[0], datamodule=data(), ckpt_path=path)
+    return whole, resumed
+
+
 def cpu_threads() -> None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

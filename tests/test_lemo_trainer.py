@@ -7,8 +7,7 @@ import glob
 import lightning as L
 import pytest
 import torch
-from helpers import REPO, cpu_threads, cpu_trainer, run_cli_ranks
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import REPO, cpu_threads, cpu_trainer, fit_interrupted_and_whole, run_cli_ranks
 
 from lightning_peft import CausalLM
 from lightning_peft.callbacks import TokenElimination
@@ -81,19 +80,13 @@ def test_calibration_phase_trains_frozen_predictors(tmp_path):
 
 
 def test_resume_restores_predictors_and_continues_exactly(tmp_path):
-    L.seed_everything(0)
-    full, cb_full = _module(), _cb()
-    _trainer(tmp_path / "a", 6, [cb_full]).fit(full, datamodule=_data())
+    def callbacks():
+        cb = _cb()
+        cb.selection_log = []
+        return [cb]
 
-    L.seed_everything(0)
-    first, cb_first = _module(), _cb()
-    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "b"), every_n_train_steps=4, save_top_k=-1)
-    _trainer(tmp_path / "b", 4, [cb_first, ckpt]).fit(first, datamodule=_data())
-    path = glob.glob(str(tmp_path / "b" / "*step=4*.ckpt"))[0]
-    L.seed_everything(123)
-    resumed, cb_resumed = _module(), _cb()
-    cb_resumed.selection_log = []
-    _trainer(tmp_path / "c", 6, [cb_resumed]).fit(resumed, datamodule=_data(), ckpt_path=path)
+    (full, (cb_full,)), (resumed, (cb_resumed,)) = fit_interrupted_and_whole(_module, _data, tmp_path, total=6,
+                                                                           cut=4, callbacks=callbacks)
     assert [layer for layer, _ in cb_resumed.selection_log] == [1, 2, 3] * 2  # no new calibration phase
     for k, v in _predictor_weights(cb_full).items():
         assert torch.equal(_predictor_weights(cb_resumed)[k], v)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from helpers import cpu_threads, run_cli_ranks
+from helpers import cpu_threads, fit_interrupted_and_whole, run_cli_ranks, trainable_state
 
 from lightning_peft import CausalLM
 from lightning_peft.datamodules import SyntheticSFTDataModule
@@ -522,10 +522,6 @@ def test_sstoken_cache_history(tmp_path, module):
 def test_pruned_run_resumes_exactly(tmp_path, make_pruner):
     """6 batches per epoch; stop at step 4 (mid-epoch), resume to step 8 (across the epoch end, and for
     SSToken across its warm-up end) == an uninterrupted 8-step run, to 1e-6."""
-    import glob
-
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     def build():
         module = CausalLM(backbone="tiny-llama", head=LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
         module.set_optimizer("torch.optim.AdamW", lr=1e-2)
@@ -535,29 +531,11 @@ def test_pruned_run_resumes_exactly(tmp_path, make_pruner):
         return SyntheticSFTDataModule(task="copy", num_digits=3, num_train=48, num_val=4, batch_size=8, seed=0,
                                       pruner=make_pruner())
 
-    def trainer(root, steps, callbacks=()):
-        return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, default_root_dir=str(root), logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         num_sanity_val_steps=0, callbacks=list(callbacks))
-
-    def trainable(module):
-        return {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
-
-    L.seed_everything(0)
-    full = build()
-    trainer(tmp_path / "a", 8).fit(full, datamodule=data())
-    L.seed_everything(0)
-    first = build()
-    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "b"), every_n_train_steps=4, save_top_k=-1)
-    trainer(tmp_path / "b", 4, [ckpt]).fit(first, datamodule=data())
-    path = glob.glob(str(tmp_path / "b" / "*step=4*.ckpt"))[0]
-    L.seed_everything(123)  # the resumed run must not depend on the global seed
-    resumed = build()
-    trainer(tmp_path / "c", 8).fit(resumed, datamodule=data(), ckpt_path=path)
-    a, b = trainable(full), trainable(resumed)
+    (full, _), (resumed, _) = fit_interrupted_and_whole(build, data, tmp_path, total=8, cut=4)
+    a, b = trainable_state(full), trainable_state(resumed)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
-    assert any(not torch.equal(a[n], v) for n, v in trainable(build()).items())  # the run really moved
+    assert any(not torch.equal(a[n], v) for n, v in trainable_state(build()).items())  # the run really moved
 
 
 # ------------------------------------------------------------------------------------- bad input

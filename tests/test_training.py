@@ -8,7 +8,7 @@ import os
 import lightning as L
 import pytest
 import torch
-from helpers import REPO, causal_batch, cpu_trainer
+from helpers import REPO, causal_batch, cpu_trainer, fit_interrupted_and_whole
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_peft import CausalLM, SequenceClassifier
@@ -49,18 +49,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, make_head):
     def build():
         return _module(make_head() if make_head else None)
 
-    L.seed_everything(0)
-    full = build()
-    _trainer(tmp_path / "a", 10).fit(full, datamodule=_data())
-
-    L.seed_everything(0)
-    first = build()
-    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "b"), every_n_train_steps=4, save_top_k=-1)
-    _trainer(tmp_path / "b", 4, [ckpt]).fit(first, datamodule=_data())
-    path = glob.glob(str(tmp_path / "b" / "*step=4*.ckpt"))[0]
-    L.seed_everything(123)  # the resumed run must not depend on the global seed
-    resumed = build()
-    _trainer(tmp_path / "c", 10).fit(resumed, datamodule=_data(), ckpt_path=path)
+    (full, _), (resumed, _) = fit_interrupted_and_whole(build, _data, tmp_path, total=10, cut=4)
 
     a, b = _trainable(full), _trainable(resumed)
     assert a.keys() == b.keys()
