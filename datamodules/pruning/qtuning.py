@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback
 
 from . import PRUNING_STATS_KEY, BatchPruner, check_ratio
-from .scoring import reference_logits, score_tokens, token_stats
+from .scoring import check_precision, reference_logits, score_tokens, token_stats
 
 IGNORE_INDEX = -100
 
@@ -281,12 +281,17 @@ class QTuning(BatchPruner):
             relative); False runs the module's plain forward (the reference). Backbones or heads the
             fast route does not know always take the reference route.
         trim_padding: after dropping rows, cut the columns that are padding in every kept row.
+        scoring_precision: precision of the scoring pass. ``None`` (default): the training forward's
+            (the trainer's precision plugin, e.g. bf16 autocast under ``precision="bf16-mixed"``);
+            ``"bf16-mixed"`` / ``"16-mixed"``: autocast the scoring pass only, a cheaper pass on
+            hardware with fast bf16 while training stays fp32 (statistics move by ~1e-2 relative, so a
+            sample at a quadrant threshold may switch); ``"32"``: always fp32. See :mod:`.scoring`.
     """
 
     def __init__(self, sample_ratio: float = 0.25, token_ratio: float = 0.5, lam: float = 0.5,
                  entropy_positions: str = "response", budget_positions: str = "response",
                  drop: str = "highest", plot_every_epoch: bool = True, fast_scoring: bool = True,
-                 trim_padding: bool = True) -> None:
+                 trim_padding: bool = True, scoring_precision: str | None = None) -> None:
         check_ratio("sample_ratio", sample_ratio)
         check_ratio("token_ratio", token_ratio)
         if not 0.0 <= lam <= 1.0:
@@ -305,6 +310,7 @@ class QTuning(BatchPruner):
         self.plot_every_epoch = plot_every_epoch
         self.fast_scoring = bool(fast_scoring)
         self.trim_padding = bool(trim_padding)
+        self.scoring_precision = check_precision(scoring_precision)
         self._points: list[tuple[float, float, int]] = []
         self._thresholds: tuple[float, float, float, float] | None = None
         self._callback_added = False
@@ -353,7 +359,8 @@ class QTuning(BatchPruner):
 
     def score(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Label-aligned per-token ``(loss, entropy)`` of the current model at the needed positions."""
-        return score_tokens(model, batch, self.masks(batch)[2], fast=self.fast_scoring)
+        return score_tokens(model, batch, self.masks(batch)[2], fast=self.fast_scoring,
+                            precision=self.scoring_precision)
 
     def __call__(self, batch: dict[str, Any], model: Any = None) -> dict[str, Any]:
         if model is None:

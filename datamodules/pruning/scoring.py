@@ -20,10 +20,19 @@ two routes that compute the same function:
 Anything the fast route does not know (prompt-learning heads, DoRA and other LoRA variants, other peft
 methods, ``modules_to_save``, backbones outside :data:`FAST_MODEL_TYPES`, heads that feed extra
 forward inputs) takes the reference route.
+
+**Precision.** A pruner runs in the DataModule's ``on_after_batch_transfer``, which Lightning does not
+wrap in the precision plugin's autocast, so :func:`precision_context` supplies it: by default the
+scoring pass runs in the same precision as the training forward (``trainer.precision_plugin``'s
+``forward_context()``: bf16 autocast under ``precision="bf16-mixed"``, plain fp32 under ``"32"``).
+``precision="bf16-mixed"`` (or ``"16-mixed"``) asks for a cheaper low-precision scoring pass while the
+training step stays in fp32: the per-token statistics move by bf16 rounding (about 1e-2 relative),
+which can change a selection whose score sits at a threshold. Statistics are always reduced in fp32.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -187,6 +196,39 @@ def _fast_stats(parts, batch: dict[str, Any], positions: torch.Tensor) -> tuple[
     return loss, ent
 
 
+#: accepted values of a scoring pass's ``precision`` (None: the trainer's training precision)
+SCORING_PRECISIONS = (None, "32", "32-true", "bf16-mixed", "16-mixed")
+
+
+def check_precision(precision: str | None) -> str | None:
+    """Return ``precision`` as a string (YAML may give 32 as an int), or raise naming the valid values."""
+    value = None if precision is None else str(precision)
+    if value not in SCORING_PRECISIONS:
+        raise ValueError(f"scoring_precision={precision!r} is not supported; use null (the trainer's precision), "
+                         "'32', 'bf16-mixed' or '16-mixed'.")
+    return value
+
+
+def precision_context(module: Any, precision: str | None = None) -> contextlib.AbstractContextManager:
+    """The autocast context of a scoring pass over ``module`` (see the module docstring, *Precision*).
+
+    ``None``: the attached trainer's ``precision_plugin.forward_context()`` (no trainer: nothing);
+    ``"32"``/``"32-true"``: autocast off; ``"bf16-mixed"`` / ``"16-mixed"``: autocast to bf16 / fp16 on
+    the module's device type.
+    """
+    precision = check_precision(precision)
+    if precision is None:
+        trainer = getattr(module, "_trainer", None)
+        plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
+        return plugin.forward_context() if plugin is not None else contextlib.nullcontext()
+    param = next(iter(module.parameters()), None)
+    device_type = param.device.type if param is not None else "cpu"
+    if precision in ("32", "32-true"):
+        return torch.autocast(device_type, enabled=False)
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
+    return torch.autocast(device_type, dtype=dtype)
+
+
 @torch.no_grad()
 def reference_logits(module: Any, batch: dict[str, Any]) -> torch.Tensor:
     """The module's ordinary forward over the whole batch (eval mode, no graph), aligned with labels."""
@@ -203,22 +245,25 @@ def reference_logits(module: Any, batch: dict[str, Any]) -> torch.Tensor:
 
 @torch.no_grad()
 def score_tokens(
-    module: Any, batch: dict[str, Any], positions: torch.Tensor, fast: bool = True
+    module: Any, batch: dict[str, Any], positions: torch.Tensor, fast: bool = True, precision: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Label-aligned per-token ``(loss, entropy)`` of ``module`` (a ``CausalLM``) at ``positions``.
+    """Label-aligned per-token ``(loss, entropy)`` of ``module`` (a ``CausalLM``) at ``positions``, fp32.
 
     No graph is built and dropout is off (eval mode, restored afterwards). ``fast=False`` or a model the
-    fast route does not know takes the reference route (see the module docstring).
+    fast route does not know takes the reference route; ``precision`` as in :func:`precision_context`
+    (see the module docstring).
     """
-    parts = fast_parts(module, batch) if fast else None
-    if parts is None:
-        return token_stats(reference_logits(module, batch), batch["labels"], positions)
-    was_training = module.training
-    module.eval()
-    try:
-        return _fast_stats(parts, batch, positions)
-    finally:
-        module.train(was_training)
+    with precision_context(module, precision):
+        parts = fast_parts(module, batch) if fast else None
+        if parts is None:
+            return token_stats(reference_logits(module, batch), batch["labels"], positions)
+        was_training = module.training
+        module.eval()
+        try:
+            return _fast_stats(parts, batch, positions)
+        finally:
+            module.train(was_training)
 
 
-__all__ = ["FAST_MODEL_TYPES", "fast_parts", "reference_logits", "score_tokens", "token_stats"]
+__all__ = ["FAST_MODEL_TYPES", "SCORING_PRECISIONS", "check_precision", "fast_parts", "precision_context",
+           "reference_logits", "score_tokens", "token_stats"]

@@ -34,6 +34,10 @@ no rows dropped):
   by :meth:`SSToken.build_history_cache` and looked up per sample;
 * always: the last layer's q/k projections and attention probabilities, once, without gradients.
 
+The history forward runs in the training forward's precision (:func:`.scoring.precision_context`:
+bf16 autocast under ``precision="bf16-mixed"``), although the DataModule hook it runs in is outside
+Lightning's autocast.
+
 ``"copy"`` is the default for full fine-tuning because it needs no preparation step and cannot
 misalign; use ``"cache"`` when a second copy of the weights does not fit.
 
@@ -59,6 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from . import PRUNING_STATS_KEY, BatchPruner, check_ratio
+from .scoring import precision_context
 
 IGNORE_INDEX = -100
 HISTORY_MODES = ("auto", "adapter", "copy", "cache")
@@ -229,6 +234,12 @@ class SSToken(BatchPruner):
         if mode == "cache":
             return self._from_cache(batch)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+        with precision_context(model):  # the training forward's precision (the hook runs outside autocast)
+            logits = self._history_logits(model, batch, inputs, mode)
+        logits = logits[:, -labels.shape[1]:]
+        return token_losses(logits, labels)
+
+    def _history_logits(self, model: Any, batch: dict[str, Any], inputs: dict[str, Any], mode: str) -> torch.Tensor:
         if mode == "adapter":
             peft_model = model.model
             if not hasattr(peft_model, "disable_adapter"):
@@ -241,11 +252,8 @@ class SSToken(BatchPruner):
                     logits = model(batch).logits
             finally:
                 model.train(was)
-        else:
-            hist = self._copy_of_base(model)
-            logits = hist(**inputs).logits
-        logits = logits[:, -labels.shape[1]:]
-        return token_losses(logits, labels)
+            return logits
+        return self._copy_of_base(model)(**inputs).logits
 
     def _copy_of_base(self, model: Any) -> torch.nn.Module:
         if self._history_model is None:
