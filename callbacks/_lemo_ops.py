@@ -115,13 +115,25 @@ def token_block_scores(matrix: torch.Tensor, symmetrize: bool = True) -> torch.T
     return matrix.sum(dim=-2)
 
 
+def exact_block_matrix(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: int,
+                       token_valid: torch.Tensor | None) -> torch.Tensor:
+    """The exact profiling matrix of a layer (causal, ``1/sqrt(d)``), ``[B, nb, nb]`` fp32, no graph."""
+    with torch.no_grad():
+        q, k = project_qk(attn, x, cos, sin)
+        return block_score_matrix(q, k, block, causal=True, scale=attn.head_dim ** -0.5, token_valid=token_valid)
+
+
 def exact_block_scores(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: int,
                        token_valid: torch.Tensor | None, symmetrize: bool = True) -> torch.Tensor:
     """Exact informativeness of every block of a layer from its (normalised) input ``x``, ``[B, nb]`` fp32."""
-    with torch.no_grad():
-        q, k = project_qk(attn, x, cos, sin)
-        mat = block_score_matrix(q, k, block, causal=True, scale=attn.head_dim ** -0.5, token_valid=token_valid)
-    return token_block_scores(mat, symmetrize)
+    return token_block_scores(exact_block_matrix(attn, x, cos, sin, block, token_valid), symmetrize)
+
+
+def causal_block_pairs(block_valid: torch.Tensor) -> torch.Tensor:
+    """``[B, nb, nb]`` mask of valid (query block m, key block n) pairs with ``m >= n``."""
+    nb = block_valid.shape[-1]
+    tril = torch.ones(nb, nb, dtype=torch.bool, device=block_valid.device).tril()
+    return block_valid[:, :, None] & block_valid[:, None, :] & tril
 
 
 def predictor_target(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: int,
@@ -259,10 +271,18 @@ class BlockPredictor(nn.Module):
         return torch.einsum("bhmd,bhnd->bmn", self.q(feats), self.k(feats))
 
 
-def predicted_block_scores(matrix: torch.Tensor, block_valid: torch.Tensor) -> torch.Tensor:
-    """Runtime score from a predicted matrix: column sum over valid query blocks (no causal mask, as in
-    the released code), ``[B, nb]``."""
-    return (matrix * block_valid[:, :, None].to(matrix.dtype)).sum(-2)
+def predicted_block_scores(matrix: torch.Tensor, block_valid: torch.Tensor, exact_target: bool = False,
+                           symmetrize: bool = True) -> torch.Tensor:
+    """Runtime score from a predicted matrix, ``[B, nb]``.
+
+    Released target (``exact_target=False``): column sum over valid query blocks, no causal mask, as in
+    the released code. Exact target: the predicted matrix stands for the exact profiling matrix, so it
+    is reduced the same way as :func:`exact_block_scores` (causal pairs only, optional symmetrisation,
+    column sum).
+    """
+    if not exact_target:
+        return (matrix * block_valid[:, :, None].to(matrix.dtype)).sum(-2)
+    return token_block_scores(matrix * causal_block_pairs(block_valid).to(matrix.dtype), symmetrize)
 
 
 class DeadNeuronCounter:
@@ -362,6 +382,7 @@ def train_predictors(
     tau_step: float = 0.05,
     progress: bool = True,
     seed: int = 0,
+    causal: bool = False,
 ) -> dict[str, list[float]]:
     """Train every layer's predictor on ``(x, target, block_valid)`` samples; returns the loss history.
 
@@ -369,7 +390,9 @@ def train_predictors(
     drawn per layer per step (seeded), SmoothL1 (or MSE) between predicted and target block matrices on
     valid blocks, summed over layers. With ``elastic`` the dead-neuron counters run and every
     ``prune_interval`` steps (up to ``prune_until``) neurons with zero-rate ``>= tau`` are removed, with
-    ``tau`` lowered by ``tau_step`` per prune event; the optimizer is rebuilt after each event.
+    ``tau`` lowered by ``tau_step`` per prune event; the optimizer is rebuilt after each event. With
+    ``causal`` the loss covers the causal pairs (query block >= key block) only, for the exact target
+    whose other entries are zero by definition and never read.
     """
     if loss not in ("smooth_l1", "mse"):
         raise ValueError(f"predictor loss={loss!r} is not supported; use 'smooth_l1' or 'mse'.")
@@ -390,7 +413,7 @@ def train_predictors(
         for i in layers:
             x, target, bvalid = samples[i][int(torch.randint(len(samples[i]), (1,), generator=g))]
             pred = predictors[i](x)
-            pair = bvalid[:, :, None] & bvalid[:, None, :]
+            pair = causal_block_pairs(bvalid) if causal else bvalid[:, :, None] & bvalid[:, None, :]
             layer_loss = loss_fn(pred[pair], target.to(pred)[pair])
             layer_loss.backward()
             total += float(layer_loss.detach())

@@ -28,9 +28,8 @@ test and generation run dense, which is how the fine-tuned model will be used.
 
 **Predictors are trained in a callback phase.** When ``scorer="predictor"`` and no predictors were
 given (``predictors_path``) or restored (resume), the first ``calibration_batches`` training batches
-run dense; during their forward passes each sparsified layer's normalised input and its target (the
-released code's block max of ``sum_h ReLU(q k^T) / 16`` without causal mask) are collected under
-``no_grad`` (no extra forward), then the predictors are trained (``predictor_steps`` Adam steps,
+run dense; during their forward passes each sparsified layer's normalised input and its target are
+collected under ``no_grad`` (no extra forward), then the predictors are trained (``predictor_steps`` Adam steps,
 SmoothL1, optional elastic neuron pruning) and frozen. The last calibration batch is held out to
 report the **recall** of the exact kept blocks (``lemo/recall_layer{i}``, ``lemo/recall``, and the
 log). Predictors are not module parameters: no optimizer state, never all-reduced; they live in this
@@ -38,6 +37,13 @@ callback's ``state_dict`` with their shapes, so resume restores them, and
 :meth:`TokenElimination.save_predictors` / ``predictors_path`` move them between runs. Under DDP every
 rank collects and trains, then rank 0's predictors (and thresholds) are broadcast, so ranks agree.
 :meth:`TokenElimination.calibrate` does the same offline from batches you pass in.
+
+**Predictor target** (``predictor_target``): ``"released"`` (default) is the released code's block max of
+``sum_h ReLU(q k^T) / 16`` without causal mask or ``1/sqrt(d)``, and at run time the predicted matrix is
+column-summed over all valid query blocks. ``"exact"`` (a proposal: the spec notes the two differ in
+details, §8) trains on the exact profiling matrix itself (causal, ``1/sqrt(d)``; the loss covers the
+causal block pairs only) and reduces the prediction exactly as the exact scorer does (causal pairs,
+``symmetrize``, column sum), so the predictor imitates the scores its recall is measured against.
 
 **Threshold policy.** Per-layer thresholds ``T_l`` on the scorer's scale; when not given they are
 initialised as the mean block score over the calibration batches (Algorithm 1, step 1). The paper's
@@ -81,6 +87,7 @@ from lightning_peft.callbacks._lemo_ops import (
     BlockPredictor,
     block_to_token_index,
     channel_pruned_mlp,
+    exact_block_matrix,
     exact_block_scores,
     pad_to_blocks,
     predicted_block_scores,
@@ -88,6 +95,7 @@ from lightning_peft.callbacks._lemo_ops import (
     predictor_target,
     select_blocks,
     sparse_attention,
+    token_block_scores,
     train_predictors,
     valid_blocks,
 )
@@ -125,6 +133,8 @@ class TokenElimination(L.Callback):
             held out for the recall report when there are two or more).
         predictor_steps, predictor_lr, predictor_hidden, predictor_loss: predictor training (Adam
             0.9/0.95, warm-up 20 steps; hidden ``[h1, h2]``, ``h2=None`` means ``block * head_dim``).
+        predictor_target: ``"released"`` (the released code's non-causal target) or ``"exact"`` (the exact
+            profiling matrix, reduced like the exact scorer; a proposal, see the module docstring).
         elastic_pruning: remove predictor neurons that are mostly dead during training (spec §3.4).
         predictors_path: load trained predictors saved by :meth:`save_predictors` (shapes checked).
         mlp_backward_keep: keep this fraction of MLP channels in the backward (None: off).
@@ -149,6 +159,7 @@ class TokenElimination(L.Callback):
         predictor_lr: float = 1e-3,
         predictor_hidden: list[int | None] | None = None,
         predictor_loss: str = "smooth_l1",
+        predictor_target: str = "released",
         elastic_pruning: bool = False,
         predictors_path: str | None = None,
         mlp_backward_keep: float | None = None,
@@ -165,6 +176,8 @@ class TokenElimination(L.Callback):
             self._check_ratio("mlp_backward_keep", mlp_backward_keep)
         if policy not in ("ratio", "threshold"):
             raise TokenEliminationError(f"policy={policy!r} is not one of 'ratio', 'threshold'.")
+        if predictor_target not in ("released", "exact"):
+            raise TokenEliminationError(f"predictor_target={predictor_target!r} is not one of 'released', 'exact'.")
         if scorer not in ("predictor", "exact"):
             raise TokenEliminationError(f"scorer={scorer!r} is not one of 'predictor', 'exact'.")
         if dense_layers != "auto" and not isinstance(dense_layers, (list, tuple)):
@@ -188,6 +201,7 @@ class TokenElimination(L.Callback):
         self.predictor_lr = float(predictor_lr)
         self.predictor_hidden = list(predictor_hidden) if predictor_hidden else [128, None]
         self.predictor_loss = predictor_loss
+        self.predictor_target = predictor_target
         self.elastic_pruning = bool(elastic_pruning)
         self.predictors_path = predictors_path
         self.mlp_backward_keep = mlp_backward_keep
@@ -377,7 +391,13 @@ class TokenElimination(L.Callback):
         with torch.no_grad():
             if self.scorer == "exact":
                 return exact_block_scores(attn, x, cos, sin, self.block_size, token_valid, self.symmetrize)
-            return predicted_block_scores(self.predictors[layer](x), valid_blocks(token_valid, self.block_size))
+            return self._predicted(layer, x, valid_blocks(token_valid, self.block_size))
+
+    def _predicted(self, layer: int, x: torch.Tensor, bvalid: torch.Tensor, predictors: dict | None = None
+                   ) -> torch.Tensor:
+        predictor = (predictors or self.predictors)[layer]
+        return predicted_block_scores(predictor(x), bvalid, exact_target=self.predictor_target == "exact",
+                                      symmetrize=self.symmetrize)
 
     def _eliminate(self, layer: int, attn: nn.Module, x: torch.Tensor, position_embeddings: tuple,
                    ratio: float) -> torch.Tensor:
@@ -407,8 +427,12 @@ class TokenElimination(L.Callback):
         cos, sin = position_embeddings
         token_valid = self._valid(x)
         with torch.no_grad():
-            target = predictor_target(attn, x, cos, sin, self.block_size, token_valid)
-            exact = exact_block_scores(attn, x, cos, sin, self.block_size, token_valid, self.symmetrize)
+            matrix = exact_block_matrix(attn, x, cos, sin, self.block_size, token_valid)
+            exact = token_block_scores(matrix, self.symmetrize)
+            if self.predictor_target == "exact":
+                target = matrix
+            else:
+                target = predictor_target(attn, x, cos, sin, self.block_size, token_valid)
         self._collect[layer].append((x.detach().float().clone(), target, valid_blocks(token_valid, self.block_size),
                                      exact))
 
@@ -436,21 +460,21 @@ class TokenElimination(L.Callback):
             with torch.enable_grad():
                 train_predictors(predictors, samples, steps=self.predictor_steps, lr=self.predictor_lr,
                                  loss=self.predictor_loss, elastic=self.elastic_pruning, progress=progress,
-                                 seed=self.seed)
+                                 seed=self.seed, causal=self.predictor_target == "exact")
             for p in predictors.values():
                 p.requires_grad_(False).eval()
             self.predictors = predictors
             held = {i: collected[i][-1] for i in predictors}
             for i, (x, _, bvalid, exact) in held.items():
                 with torch.no_grad():
-                    pred = predicted_block_scores(predictors[i](x), bvalid)
+                    pred = self._predicted(i, x, bvalid, predictors)
                 self.recall[i] = predictor_recall(pred, exact, bvalid, self._sparse[i])
         if self.policy == "threshold" and self.thresholds is None:
             self.thresholds = {}
             for i, recs in collected.items():
                 means = []
                 for x, _, bvalid, exact in recs:
-                    s = exact if self.scorer == "exact" else predicted_block_scores(self.predictors[i](x), bvalid)
+                    s = exact if self.scorer == "exact" else self._predicted(i, x, bvalid)
                     means.append(s[bvalid].float().mean())
                 self.thresholds[i] = float(torch.stack(means).mean())
         return dict(self.recall)
@@ -473,6 +497,7 @@ class TokenElimination(L.Callback):
     def predictor_state(self) -> dict[str, Any]:
         return {
             "shape": next(iter(self.predictors.values())).shape() if self.predictors else None,
+            "target": self.predictor_target,
             "dims": {str(i): p.dims() for i, p in self.predictors.items()},
             "weights": {str(i): {k: v.detach().cpu() for k, v in p.state_dict().items()}
                         for i, p in self.predictors.items()},
@@ -502,6 +527,12 @@ class TokenElimination(L.Callback):
             raise TokenEliminationError(
                 f"predictors from {source} were trained for {shape}, but this run has {want}; "
                 "train predictors for this model and block_size (leave predictors_path unset)."
+            )
+        target = state.get("target", "released")
+        if target != self.predictor_target:
+            raise TokenEliminationError(
+                f"predictors from {source} were trained on the {target!r} target, but this run has "
+                f"predictor_target={self.predictor_target!r}; set predictor_target: {target} or retrain them."
             )
         layers = sorted(int(i) for i in state["weights"])
         missing = sorted(set(self._sparse) - set(layers))

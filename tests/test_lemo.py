@@ -637,3 +637,58 @@ def test_other_llama_family_layouts(family):
     out = model(input_ids=ids).logits
     out.sum().backward()
     assert not torch.allclose(out, ref, atol=1e-3) and torch.isfinite(out).all()
+
+
+def test_exact_predictor_target(tmp_path):
+    """predictor_target='exact': the predictors learn the exact profiling matrix and their output is reduced
+    like the exact scorer, so a perfect predictor selects exactly the exact scorer's blocks."""
+    from lightning_peft.callbacks._lemo_ops import exact_block_matrix, exact_block_scores, predicted_block_scores
+
+    module = tiny()
+    cb = TokenElimination(block_size=BLOCK, dense_layers=[0, 1, 3], calibration_batches=2, predictor_steps=5,
+                          predictor_target="exact")
+    cb.attach(module.model)
+    cb.begin_collection()
+    captured = {}
+    attn = unwrap_hf(module.model).model.layers[2].self_attn
+    handle = attn.register_forward_pre_hook(lambda m, a, kw: captured.update(kw), with_kwargs=True)
+    batch = lm_batch(seed=3, pad_from=21)
+    with torch.no_grad():
+        module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    handle.remove()
+    x, target, bvalid, exact = cb._collect[2][0]
+    cos, sin = captured["position_embeddings"]
+    valid = batch["attention_mask"].bool()
+    matrix = exact_block_matrix(attn, captured["hidden_states"], cos, sin, BLOCK, valid)
+    torch.testing.assert_close(target, matrix)  # the exact (causal, 1/sqrt(d)) matrix, not the released /16 one
+    assert torch.equal(target.triu(1), torch.zeros_like(target))
+    for sym in (True, False):  # a perfect predictor reproduces the exact scores on valid blocks
+        want = exact_block_scores(attn, captured["hidden_states"], cos, sin, BLOCK, valid, sym)
+        got = predicted_block_scores(matrix + matrix.transpose(-1, -2).triu(1) * 5, bvalid, exact_target=True,
+                                     symmetrize=sym)  # garbage above the diagonal must be ignored
+        torch.testing.assert_close(got[bvalid], want[bvalid])
+    # predictors trained on one target are refused by a run that expects the other
+    cb._collect = None
+    released = TokenElimination(block_size=BLOCK, dense_layers=[0, 1, 3], predictor_steps=5, calibration_batches=2)
+    released.calibrate(module.model, [lm_batch(seed=s) for s in range(2)], progress=False)
+    released.save_predictors(str(tmp_path / "released.pt"))
+    with pytest.raises(TokenEliminationError, match="'released' target.*predictor_target='exact'"):
+        TokenElimination(block_size=BLOCK, dense_layers=[0, 1, 3], predictors_path=str(tmp_path / "released.pt"),
+                         predictor_target="exact").attach(tiny().model)
+    with pytest.raises(TokenEliminationError, match="predictor_target='causal'"):
+        TokenElimination(predictor_target="causal")
+
+
+def test_causal_predictor_training_ignores_the_upper_triangle():
+    torch.manual_seed(0)
+    x = torch.randn(B, N, 64)
+    bvalid = torch.ones(B, N // BLOCK, dtype=torch.bool)
+    target = torch.rand(B, N // BLOCK, N // BLOCK).tril()
+    wild = target + torch.ones_like(target).triu(1) * 1e3  # never read with causal=True
+    preds = []
+    for t in (target, wild):
+        torch.manual_seed(1)
+        pred = BlockPredictor(64, 4, BLOCK, h1=16)
+        train_predictors({0: pred}, {0: [(x, t, bvalid)]}, steps=20, progress=False, causal=True)
+        preds.append(pred(x))
+    torch.testing.assert_close(preds[0], preds[1])
