@@ -28,6 +28,7 @@ Memory is measured two ways, both reflecting activations on CPU:
 
     python benchmarks/long_context.py                 # tiny
     python benchmarks/long_context.py smollm2 --loss-steps 100
+    python benchmarks/long_context.py smollm2 --init-sweep    # the approximation's loss at init, per policy
 """
 
 from __future__ import annotations
@@ -191,6 +192,9 @@ def main() -> None:
     ap.add_argument("--loss-keep", type=float, nargs="+", default=[0.4], help="keep ratios compared in the loss run")
     ap.add_argument("--loss-scorer", default="predictor", choices=["predictor", "exact"], help="loss run scorer")
     ap.add_argument("--loss-eval", type=int, default=4, help="held-out sequences evaluated dense before/after")
+    ap.add_argument("--init-sweep", action="store_true",
+                    help="only the loss of the untrained model under several selections (exact keep ratios, random)")
+    ap.add_argument("--sweep-sequences", type=int, default=2, help="sequences averaged in --init-sweep")
     ap.add_argument("--no-rss", action="store_true", help="skip the subprocess RSS measurement")
     ap.add_argument("--loss-only", action="store_true", help="only the dense vs elimination loss run")
     ap.add_argument("--rss-variant", default=None, help=argparse.SUPPRESS)
@@ -198,6 +202,8 @@ def main() -> None:
     args.length = args.length or (4096 if args.setting == "tiny" else 2048)
     if args.rss_variant:
         return rss_child(args)
+    if args.init_sweep:
+        return init_sweep(args)
     if args.loss_only:
         return loss_run(args, build(args.setting, "dense", args.segment).tokenizer)
 
@@ -242,6 +248,58 @@ def main() -> None:
         tokenizer = runners["dense"].module.tokenizer
         del runners  # free the timing models first
         loss_run(args, tokenizer)
+
+
+class RandomBlocks(TokenElimination):
+    """Reference selection for the sweep: uniformly random blocks (seeded per layer)."""
+
+    def block_scores(self, layer, attn, x, position_embeddings, token_valid):
+        g = torch.Generator().manual_seed(layer)
+        nb = -(-x.shape[1] // self.block_size)
+        return torch.rand(x.shape[0], nb, generator=g).to(x.device)
+
+
+class LeastInformative(TokenElimination):
+    """Reference selection for the sweep: the blocks the exact scorer ranks lowest."""
+
+    def block_scores(self, *args):
+        return -super().block_scores(*args)
+
+
+@torch.no_grad()
+def init_sweep(args) -> None:
+    """Loss of the untrained model (LoRA at init = the base model) with elimination switched on, for
+    several policies and reference selections: how much the approximation itself perturbs this model."""
+    module = build(args.setting, "segmented", args.segment)
+    length = args.loss_length or args.length
+    batches = sequences(args.setting, module, args.sweep_sequences, length, seed=7)
+    n_layers = module.model.get_base_model().config.num_hidden_layers
+    late = list(range(n_layers - 1 - max(1, n_layers // 5))) + [n_layers - 1]  # sparse: the last ~fifth but one
+    policies = [
+        ("exact, keep 0.4 (default policy)", TokenElimination, {}),
+        ("exact, keep 0.6", TokenElimination, {"keep_ratio": 0.6}),
+        ("exact, keep 0.8", TokenElimination, {"keep_ratio": 0.8}),
+        (f"exact, keep 0.4 in layers {late[-2] + 1}-{n_layers - 2} only", TokenElimination, {"dense_layers": late}),
+        ("random blocks, keep 0.4", RandomBlocks, {}),
+        ("least informative blocks, keep 0.4", LeastInformative, {}),
+    ]
+
+    def mean_loss() -> float:
+        return statistics.mean(float(module.compute_loss(b)[0]) for b in batches)
+
+    dense = mean_loss()
+    rows = [("dense", dense)]
+    for name, cls, kw in policies:
+        cb = cls(block_size=64, scorer="exact", **kw).attach(module.model)
+        rows.append((name, mean_loss()))
+        cb.detach()
+        print(f"{name}: {rows[-1][1]:.4f}", flush=True)
+    print(f"\ninitial loss sweep: {len(batches)} sequences of 1 x {length} tokens, untrained (LoRA at init), training "
+          "mode (elimination on), no gradients")
+    print("| selection | loss | vs dense |")
+    print("|---|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value:.4f} | {value / dense - 1:+.1%} |")
 
 
 def loss_run(args, tokenizer) -> None:
