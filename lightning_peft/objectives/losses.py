@@ -10,8 +10,11 @@ batch, and returns the ``token_weights`` to use, so no second forward is needed.
 **Segmented loss** (``TokenCrossEntropy(segment_size=2048)``; LeMo/JENGA §3.6, usable on its own): the
 module hands the objective the final hidden states instead of logits, and the LM head plus
 cross-entropy run one chunk of ``segment_size`` positions at a time inside activation checkpointing,
-so the ``[batch, length, vocab]`` logits (and their gradient) never exist for the whole sequence; the
-backward recomputes one chunk's logits at a time. The chunk losses are summed and divided by the
+so the ``[batch, length, vocab]`` logits (and their gradient) never exist for the whole sequence. With
+a frozen ``nn.Linear`` LM head (LoRA and most PEFT heads) each chunk's gradient with respect to its
+hidden states is formed in the forward (a token's loss depends on its own hidden state only) and kept
+instead of the logits, so the backward recomputes nothing; a trainable LM head (full fine-tuning) takes
+the checkpointed chunk, whose backward recomputes one chunk's logits at a time. The chunk losses are summed and divided by the
 number of valid labels (the standard mean; the released code divides by the length), so value and
 gradient equal the plain loss.
 """
@@ -74,7 +77,9 @@ class TokenCrossEntropy(Objective):
         for start in range(0, n, size):
             stop = min(n, start + size)
             h, y = hidden[:, start:stop], labels[:, start + 1:stop + 1]
-            if torch.is_grad_enabled() and h.requires_grad:
+            if torch.is_grad_enabled() and h.requires_grad and _frozen_linear(lm_head):
+                ce = _FusedChunkCE.apply(h, lm_head.weight, lm_head.bias, y, self.label_smoothing)
+            elif torch.is_grad_enabled() and h.requires_grad:
                 ce = checkpoint(self._chunk_loss, h, y, lm_head, use_reentrant=False)
             else:
                 ce = self._chunk_loss(h, y, lm_head)
@@ -107,6 +112,44 @@ class TokenCrossEntropy(Objective):
 
     def __call__(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         return self.reduce(self.token_losses(logits, batch["labels"]), batch)
+
+
+def _frozen_linear(module: torch.nn.Module) -> bool:
+    """True for a plain ``nn.Linear`` LM head whose parameters take no gradient (LoRA and most PEFT heads)."""
+    return type(module) is torch.nn.Linear and not any(p.requires_grad for p in module.parameters())
+
+
+class _FusedChunkCE(torch.autograd.Function):
+    """Per-token cross-entropy of one chunk through a frozen linear LM head, gradient computed in the forward.
+
+    A token's loss depends on its own hidden state only, so ``d ce_t / d h_t = (softmax(z_t) - q_t) W``
+    (``q_t`` the one-hot target, label-smoothed) can be formed right after the loss, chunk by chunk, and
+    kept as a ``[B, c, hidden]`` tensor; the backward multiplies it by the incoming per-token gradient.
+    Exact (same value and gradient as the plain loss), and unlike a checkpointed chunk it never
+    recomputes the ``hidden x vocab`` product. Used only when the LM head is frozen (no weight gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, label_smoothing):  # noqa: D102
+        logits = F.linear(h, weight, bias)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
+        flat, target = logits.reshape(-1, logits.size(-1)), y.reshape(-1)
+        ce = F.cross_entropy(flat, target, ignore_index=IGNORE_INDEX, reduction="none",
+                             label_smoothing=label_smoothing)
+        grad = torch.softmax(flat, dim=-1)
+        valid = target != IGNORE_INDEX
+        rows = torch.arange(target.numel(), device=target.device)[valid]
+        if label_smoothing:
+            grad.sub_(label_smoothing / grad.size(-1))
+        grad[rows, target[valid]] -= 1.0 - label_smoothing
+        grad.mul_(valid[:, None].to(grad.dtype))
+        ctx.save_for_backward((grad.to(weight.dtype) @ weight).view_as(h).to(h.dtype))
+        return ce.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_ce):  # noqa: D102
+        (dh,) = ctx.saved_tensors
+        return dh * grad_ce.unsqueeze(-1).to(dh.dtype), None, None, None, None
 
 
 class ClassificationCrossEntropy(Objective):
