@@ -136,13 +136,12 @@ class _FusedChunkCE(torch.autograd.Function):
         flat, target = logits.reshape(-1, logits.size(-1)), y.reshape(-1)
         ce = F.cross_entropy(flat, target, ignore_index=IGNORE_INDEX, reduction="none",
                              label_smoothing=label_smoothing)
-        grad = torch.softmax(flat, dim=-1)
-        valid = target != IGNORE_INDEX
-        rows = torch.arange(target.numel(), device=target.device)[valid]
+        grad = torch.softmax(flat, dim=-1)  # d ce / d logits = softmax - smoothed one-hot (0 on ignored rows)
         if label_smoothing:
             grad.sub_(label_smoothing / grad.size(-1))
-        grad[rows, target[valid]] -= 1.0 - label_smoothing
-        grad.mul_(valid[:, None].to(grad.dtype))
+        valid = (target != IGNORE_INDEX).to(grad.dtype)[:, None]
+        grad.scatter_add_(1, target.clamp(min=0)[:, None], valid * -(1.0 - label_smoothing))  # no host sync
+        grad.mul_(valid)
         ctx.save_for_backward((grad.to(weight.dtype) @ weight).view_as(h).to(h.dtype))
         return ce.view_as(y)
 
