@@ -41,7 +41,7 @@ def export(ckpt_path: str, out: str, merge: bool = True, verify: bool = True, at
     reference = None
     if verify:  # compared in float64 so that float32 re-association does not count as a difference
         with torch.no_grad():
-            reference = copy.deepcopy(module.model).double()(**probe).logits
+            reference = module.head.forward(copy.deepcopy(module.model).double(), probe).logits
     os.makedirs(out, exist_ok=True)
     head = module.head
     if merge:
@@ -66,7 +66,7 @@ def export(ckpt_path: str, out: str, merge: bool = True, verify: bool = True, at
     if verify and reload is not None:
         model = reload().eval().double()
         with torch.no_grad():
-            logits = model(**probe).logits
+            logits = (model(**probe) if merge else head.forward(model, probe)).logits
         if logits.shape[1] > reference.shape[1]:
             logits = logits[:, -reference.shape[1]:]
         if reference.shape[1] > logits.shape[1]:

@@ -112,7 +112,7 @@ class PeftModule(L.LightningModule):
     def forward(self, batch: dict[str, Any]) -> Any:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
         inputs.update(self.head.forward_inputs(batch))
-        return self.model(**inputs)
+        return self.head.forward(self.model, inputs)
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(loss, logits)``; with a segmented objective the logits never exist whole and ``None`` is

@@ -60,9 +60,12 @@ def train_steps(module, batch, steps: int, lr: float = 1e-2, weight_decay: float
 def logits(module_or_model, batch) -> torch.Tensor:
     from lightning_peft.modules import PeftModule
 
-    model = module_or_model.model if isinstance(module_or_model, PeftModule) else module_or_model
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if isinstance(module_or_model, PeftModule):  # through the head: some heads build their own inputs
+            out = module_or_model.head.forward(module_or_model.model, inputs).logits
+        else:
+            out = module_or_model(**inputs).logits
     if out.dim() == 3 and out.shape[1] > batch["input_ids"].shape[1]:
         out = out[:, -batch["input_ids"].shape[1]:]
     return out

@@ -102,6 +102,14 @@ class Head:
         """Extra keyword arguments the attached model needs from the batch (default: none)."""
         return {}
 
+    def forward(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
+        """Run the attached model on the model inputs of a batch (``input_ids``, ``attention_mask``, ...).
+
+        The default calls the model; a head whose method needs to build the inputs itself (virtual
+        tokens, a prefix cache) overrides this, and every caller (module, export check, tests) goes
+        through it."""
+        return model(**inputs)
+
     # ----------------------------------------------------------------- training hooks
     def on_fit_start(self, model: nn.Module, total_steps: int) -> None:
         """Called once the number of optimizer steps is known."""

@@ -16,6 +16,12 @@ keeps peft's default. ``task_type`` is filled in from the backbone. Method-speci
 * **CPT** computes its own loss (its token-type weighting is part of the method), so the objective
   uses the loss returned by the model.
 * **Prompt tuning / P-tuning** prepend virtual tokens; the module drops their logits.
+* **Prefix tuning on an encoder classifier** (BERT, RoBERTa, ...): since transformers 5.25 these
+  models take their key/value cache as ``cache=`` and no longer list ``past_key_values``, which
+  peft's classifier path looks for. The head then runs the forward itself with peft's public
+  ``get_prompt`` (the learned per-layer keys/values as a cache) and the attention mask extended by
+  the virtual tokens, exactly what peft does on older releases; an encoder that takes neither is
+  refused in one sentence that points to prompt tuning.
 
 Trainable-parameter formulas exist for LORA, ADALORA, IA3, VERA, OFT, BOFT, PROMPT_TUNING,
 PREFIX_TUNING and CPT; other types attach and train but report no formula.
@@ -24,13 +30,14 @@ PREFIX_TUNING and CPT; other types attach and train but report no formula.
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_peft.heads._peft import PeftBackedHead, classifier_parameters, peft_task_type
-from lightning_peft.heads.base import HeadError
+from lightning_peft.heads.base import HeadError, is_classifier
 from lightning_peft.heads.lora import targeted_linears
 
 MERGEABLE = {"LORA", "ADALORA", "IA3", "VERA", "OFT", "BOFT", "LOHA", "LOKR"}
@@ -50,6 +57,24 @@ def _dims(model: nn.Module) -> tuple[int, int, int]:
     kv_heads = getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or hidden // heads
     return hidden, layers, head_dim * kv_heads
+
+
+def _prefix_needs_cache_argument(model: nn.Module) -> bool:
+    """Whether prefix tuning on this classifier must pass its prefix as ``cache=`` (see the module doc).
+
+    False where peft's own path works (the classifier or its encoder lists ``past_key_values``); True
+    where the encoder takes ``cache``; an encoder that takes neither is refused."""
+    encoder = getattr(model, getattr(model, "base_model_prefix", ""), None) or model
+    params = set(inspect.signature(model.forward).parameters) | set(inspect.signature(encoder.forward).parameters)
+    if "past_key_values" in params:
+        return False
+    if "cache" in params:
+        return True
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    raise HeadError(
+        f"PeftHead PREFIX_TUNING cannot attach to {type(model).__name__}: its {kind!r} encoder takes no key/value "
+        "cache, which prefix tuning needs; use {'peft_type': 'PROMPT_TUNING'} (virtual tokens in the input) instead."
+    )
 
 
 class PeftHead(PeftBackedHead):
@@ -106,6 +131,23 @@ class PeftHead(PeftBackedHead):
         # CPT token types: 4 marks tokens whose labels count, 1 the rest; 0 is padding
         types = torch.where(labels != -100, 4, 1) * batch["attention_mask"].to(labels.dtype)
         return {"labels": labels, "input_type_mask": types}
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        self._prefix_via_cache = False
+        if self.peft_type == "PREFIX_TUNING" and is_classifier(model):
+            self._prefix_via_cache = _prefix_needs_cache_argument(model)
+        return super().attach(model)
+
+    def forward(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
+        if not getattr(self, "_prefix_via_cache", False):
+            return model(**inputs)
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        n_virtual = model.active_peft_config.num_virtual_tokens
+        cache = model.get_prompt(batch_size=ids.shape[0])
+        if mask is not None:
+            mask = torch.cat([mask.new_ones(ids.shape[0], n_virtual), mask], dim=1)
+        rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        return model.base_model(input_ids=ids, attention_mask=mask, cache=cache, **rest)
 
     def peft_config(self, model: nn.Module):
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
