@@ -27,7 +27,6 @@ Adding a family is one entry in :data:`ARCHITECTURES` (plus one tiny-config line
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -95,6 +94,7 @@ class Architecture:
     rotary: str | None = None  # rotary-embedding module, relative to the base model
     position_embeddings: str | None = None  # learned absolute position table, relative to the base model
     extra_roles: dict[str, str] = field(default_factory=dict)  # other per-block modules worth naming
+    logit_softcap: str | None = None  # config attribute of a soft cap applied to the LM head's logits (Gemma-2)
 
     @property
     def roles(self) -> dict[str, str]:
@@ -128,6 +128,10 @@ class Architecture:
             caps.add("plain_qk")
         if a.scaling == "inv_sqrt_head_dim" and a.softcap is None:
             caps.add("plain_scores")
+        if self.positional in ("rope", "learned"):
+            caps.add("unbiased_scores")
+        if self.lm_head and self.logit_softcap is None:
+            caps.add("plain_logits")
         if self.mlp.gate:
             caps.add("gated_mlp")
         if len(self.blocks) == 1:
@@ -157,7 +161,7 @@ def _llama_like(model_type: str, name: str, **attention: Any) -> Architecture:
 
 def _entries() -> list[Architecture]:
     gemma2 = _llama_like("gemma2", "Gemma-2", scaling="query_pre_attn_scalar", softcap="attn_logit_softcapping")
-    gemma2 = replace(gemma2, norms={
+    gemma2 = replace(gemma2, logit_softcap="final_logit_softcapping", norms={
         "attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
         "mlp_norm": "pre_feedforward_layernorm", "post_mlp_norm": "post_feedforward_layernorm"})
     phi3 = replace(_llama_like("phi3", "Phi-3"),
@@ -247,6 +251,8 @@ NEEDS: dict[str, str] = {
     "plain_qk": "queries and keys without q/k norms",
     "plain_scores": "attention scores scaled by 1/sqrt(head_dim) without soft-capping",
     "lm_head": "a language-model head",
+    "plain_logits": "logits that are the LM head applied to the body's last hidden state",
+    "unbiased_scores": "positions that enter through rotary or input embeddings, not as attention biases",
     "gated_mlp": "a gated MLP with separate gate/up/down projections",
     "single_stack": "one stack of blocks",
 }
@@ -374,59 +380,6 @@ def out_features(module: nn.Module) -> int:
     raise TypeError(f"cannot tell the output width of {type(module).__name__}")
 
 
-@dataclass(frozen=True)
-class AttentionFacts:
-    """What a component re-implementing a family's attention needs, resolved on one model."""
-
-    heads: int
-    kv_heads: int
-    head_dim: int
-    scaling: float
-    softcap: float | None
-    rotary: nn.Module | None  # the model's rotary-embedding module (called as ``rotary(x, position_ids)``)
-    rotary_dim: int | None  # rotated share of head_dim (None without rotary embeddings)
-    causal: bool
-    sliding_window: int | None  # a window the family applies (Mistral; Qwen2 with use_sliding_window)
-
-
-def attention_facts(model: nn.Module) -> AttentionFacts:
-    """Heads, kv heads, head_dim, scaling, soft cap, rotary module and window of ``model``'s attention."""
-    arch = architecture_of(model)
-    a = arch.attention
-    config = unwrap(model).config
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads) if a.gqa else heads
-    head_dim = getattr(config, a.head_dim, None) if a.head_dim else None
-    head_dim = int(head_dim or config.hidden_size // heads)
-    if a.scaling == "none":
-        scaling = 1.0
-    elif a.scaling == "query_pre_attn_scalar":
-        scaling = float(config.query_pre_attn_scalar) ** -0.5
-    else:
-        scaling = 1.0 / math.sqrt(head_dim)
-    softcap = getattr(config, a.softcap, None) if a.softcap else None
-    rotary = get_path(base_model(model), arch.rotary) if arch.rotary else None
-    rotary_dim = None
-    if arch.positional == "rope":
-        frac = _rotary_fraction(config, a.rotary_fraction)
-        rotary_dim = int(head_dim * frac)
-    window = getattr(config, "sliding_window", None)
-    if getattr(config, "use_sliding_window", True) is False:
-        window = None
-    return AttentionFacts(heads=heads, kv_heads=kv_heads, head_dim=head_dim, scaling=scaling,
-                          softcap=float(softcap) if softcap else None, rotary=rotary, rotary_dim=rotary_dim,
-                          causal=arch.causal, sliding_window=int(window) if window else None)
-
-
-def _rotary_fraction(config: Any, attr: str | None) -> float:
-    if attr is None:
-        return 1.0
-    value = getattr(config, attr, None)
-    if value is None:  # transformers 5 keeps it inside rope_parameters
-        value = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor")
-    return float(value if value is not None else 1.0)
-
-
 _POSITIONAL = {"learned": "learned absolute positions", "alibi": "ALiBi biases",
                "relative_bias": "relative position biases", "rope": "rotary embeddings"}
 
@@ -443,6 +396,8 @@ def _lacks(arch: Architecture, need: str) -> str:
         "plain_scores": "it scales scores by query_pre_attn_scalar and soft-caps them"
         if a.scaling == "query_pre_attn_scalar" else "its scores are not scaled by 1/sqrt(head_dim)",
         "lm_head": "it has no language-model head",
+        "plain_logits": f"it soft-caps the logits (config {arch.logit_softcap})",
+        "unbiased_scores": "it adds " + _POSITIONAL.get(arch.positional, arch.positional) + " to the scores",
         "gated_mlp": "its MLP is not gated with separate gate/up/down",
         "single_stack": f"it has {len(arch.blocks)} block stacks",
     }.get(need, "it does not have it")
@@ -474,8 +429,17 @@ def require(model: nn.Module, component: str, needs: tuple[str, ...] = (),
     return arch
 
 
+# the attention recipe (AttentionFacts, AttentionParts) lives in its own file; importable from here
+from lightning_peft.architecture_attention import (  # noqa: E402
+    AttentionFacts,
+    AttentionParts,
+    attention_facts,
+    attention_parts,
+)
+
 __all__ = [
-    "ARCHITECTURES", "NEEDS", "Architecture", "Attention", "AttentionFacts", "MLP", "UnsupportedArchitecture",
-    "architecture_of", "attention_facts", "base_model", "block_modules", "block_stacks", "blocks", "embeddings",
-    "final_norms", "get_path", "lm_head", "out_features", "require", "unwrap",
+    "ARCHITECTURES", "NEEDS", "MLP", "Architecture", "Attention", "AttentionFacts", "AttentionParts",
+    "UnsupportedArchitecture", "architecture_of", "attention_facts", "attention_parts", "base_model",
+    "block_modules", "block_stacks", "blocks", "embeddings", "final_norms", "get_path", "lm_head", "out_features",
+    "require", "unwrap",
 ]

@@ -14,6 +14,7 @@ from helpers import cpu_threads
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from lightning_peft import CausalLM
+from lightning_peft.architectures import attention_parts
 from lightning_peft.backbones import unwrap_hf
 from lightning_peft.callbacks import TokenElimination
 from lightning_peft.callbacks._lemo_ops import (
@@ -148,7 +149,7 @@ def test_exact_scores_of_the_attention_module_match_naive():
 
     q = apply_rope(attn.q_proj(x).view(B, N, -1, 16).transpose(1, 2), cos, sin)
     k = apply_rope(attn.k_proj(x).view(B, N, -1, 16).transpose(1, 2), cos, sin)
-    got = exact_block_scores(attn, x, cos, sin, BLOCK, None)
+    got = exact_block_scores(attention_parts(module.model, 2), x, cos, sin, BLOCK, None)
     torch.testing.assert_close(got, naive_scores(q, k, BLOCK, scale=16 ** -0.5))
 
 
@@ -305,7 +306,8 @@ def test_rope_uses_original_positions():
         full = t.expand(B, -1, -1).clone()
         compact.append(full.scatter(1, idx[:, :, None].expand(-1, -1, t.shape[-1]), t[:, :m].expand(B, -1, -1)))
     with torch.no_grad():
-        wrong = sparse_attention(attn, x, compact[0], compact[1], idx, torch.ones_like(idx, dtype=torch.bool))
+        wrong = sparse_attention(attention_parts(module.model, 2), x, compact[0], compact[1], idx,
+                                 torch.ones_like(idx, dtype=torch.bool))
     assert not torch.allclose(wrong, ref, atol=1e-3)
 
 
@@ -575,7 +577,7 @@ def test_bad_input():
     with pytest.raises(TokenEliminationError, match=r"layer_ratios\[2\]=-0.1"):
         TokenElimination(layer_ratios={2: -0.1})
     gpt2 = CausalLM("tiny-gpt2", head=LoRA(r=2))
-    with pytest.raises(TokenEliminationError, match="supports the Llama family.*'gpt2'"):
+    with pytest.raises(TokenEliminationError, match="TokenElimination cannot run on model_type 'gpt2'.*rotary"):
         TokenElimination().attach(gpt2.model)
     with pytest.raises(TokenEliminationError, match="layer index 9 is outside"):
         TokenElimination(dense_layers=[9]).attach(tiny().model)
@@ -659,11 +661,12 @@ def test_exact_predictor_target(tmp_path):
     x, target, bvalid, exact = cb._collect[2][0]
     cos, sin = captured["position_embeddings"]
     valid = batch["attention_mask"].bool()
-    matrix = exact_block_matrix(attn, captured["hidden_states"], cos, sin, BLOCK, valid)
+    parts = attention_parts(module.model, 2)
+    matrix = exact_block_matrix(parts, captured["hidden_states"], cos, sin, BLOCK, valid)
     torch.testing.assert_close(target, matrix)  # the exact (causal, 1/sqrt(d)) matrix, not the released /16 one
     assert torch.equal(target.triu(1), torch.zeros_like(target))
     for sym in (True, False):  # a perfect predictor reproduces the exact scores on valid blocks
-        want = exact_block_scores(attn, captured["hidden_states"], cos, sin, BLOCK, valid, sym)
+        want = exact_block_scores(parts, captured["hidden_states"], cos, sin, BLOCK, valid, sym)
         got = predicted_block_scores(matrix + matrix.transpose(-1, -2).triu(1) * 5, bvalid, exact_target=True,
                                      symmetrize=sym)  # garbage above the diagonal must be ignored
         torch.testing.assert_close(got[bvalid], want[bvalid])
