@@ -19,10 +19,11 @@ _gqa = dict(_common, num_key_value_heads=KV, head_dim=HD)
 
 
 def _causal(config_cls, **kw):
-    return lambda: AutoModelForCausalLM.from_config(config_cls(**kw))
+    return lambda **extra: AutoModelForCausalLM.from_config(config_cls(**kw), **extra)
 
 
-#: model_type -> builder of a tiny random model of that family (no download). One line per family.
+#: model_type -> builder of a tiny random model of that family (no download). One line per family. The
+#: builders of decoders take ``from_config`` keywords (e.g. ``attn_implementation="eager"``).
 TINY = {
     "llama": _causal(T.LlamaConfig, **_gqa),
     "mistral": _causal(T.MistralConfig, **_gqa),
@@ -35,10 +36,10 @@ TINY = {
     "gpt_neox": _causal(T.GPTNeoXConfig, **_common),
     "opt": _causal(T.OPTConfig, **_common, ffn_dim=FF, word_embed_proj_dim=H),
     "bloom": _causal(T.BloomConfig, hidden_size=H, n_layer=2, n_head=HEADS, vocab_size=VOCAB),
-    "bert": lambda: AutoModelForMaskedLM.from_config(T.BertConfig(**_common)),
-    "roberta": lambda: AutoModelForMaskedLM.from_config(T.RobertaConfig(**_common)),
-    "t5": lambda: AutoModelForSeq2SeqLM.from_config(T.T5Config(d_model=H, d_kv=HD, d_ff=FF, num_layers=2,
-                                                               num_heads=HEADS, vocab_size=VOCAB)),
+    "bert": lambda **extra: AutoModelForMaskedLM.from_config(T.BertConfig(**_common), **extra),
+    "roberta": lambda **extra: AutoModelForMaskedLM.from_config(T.RobertaConfig(**_common), **extra),
+    "t5": lambda **extra: AutoModelForSeq2SeqLM.from_config(T.T5Config(d_model=H, d_kv=HD, d_ff=FF, num_layers=2,
+                                                               num_heads=HEADS, vocab_size=VOCAB), **extra),
 }
 
 #: families whose attention uses grouped kv heads in the tiny configs above
