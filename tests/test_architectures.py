@@ -223,3 +223,39 @@ def test_require_names_component_family_and_what_is_missing():
         A.require(qwen3, component="X", needs=("rope",), families=("llama", "mistral"), error=MyError)
     with pytest.raises(ValueError, match="unknown need 'fast'"):
         A.require(qwen3, component="X", needs=("fast",))
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "phi3", "gpt_neox", "bloom"])
+def test_fused_qkv_is_split_by_the_documented_layout(model_type):
+    """Output row r of the fused projection is made to carry the value r; the per-head q/k/v must then hold
+    the rows the layout names: stacked [q | k | v] (GPT-2 c_attn, Phi-3 qkv_proj) or, per head, [q_h k_h v_h]
+    (GPT-NeoX and BLOOM query_key_value)."""
+    model = TINY[model_type]()
+    parts = A.attention_parts(model, 0)
+    qkv = parts.qkv
+    with torch.no_grad():
+        qkv.weight.zero_()
+        rows = torch.arange(A.out_features(qkv), dtype=torch.float32)
+        if type(qkv).__name__ == "Conv1D":  # weight [in, out]
+            qkv.weight[0] = rows
+        else:
+            qkv.weight[:, 0] = rows
+        if qkv.bias is not None:
+            qkv.bias.zero_()
+    x = torch.zeros(1, 1, H)
+    x[..., 0] = 1.0
+    q, k, v = parts.states(x)
+    f = parts.facts
+    j = torch.arange(HD, dtype=torch.float32)
+    for h in range(f.heads):
+        if parts.qkv_layout == "per_head":
+            want_q, want_k, want_v = h * 3 * HD + j, h * 3 * HD + HD + j, h * 3 * HD + 2 * HD + j
+        else:
+            want_q = h * HD + j
+        assert torch.equal(q[0, h, 0], want_q)
+        if parts.qkv_layout == "per_head":
+            assert torch.equal(k[0, h, 0], want_k) and torch.equal(v[0, h, 0], want_v)
+    if parts.qkv_layout == "stacked":
+        for h in range(f.kv_heads):
+            assert torch.equal(k[0, h, 0], f.heads * HD + h * HD + j)
+            assert torch.equal(v[0, h, 0], (f.heads + f.kv_heads) * HD + h * HD + j)

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.architectures import ARCHITECTURES, base_model, lm_head
+from lightning_peft.architectures import ARCHITECTURES, UnsupportedArchitecture, base_model, lm_head
 
 IGNORE_INDEX = -100
 #: backbones whose causal-LM forward is ``lm_head(body(x).last_hidden_state)`` with nothing after it: the
@@ -143,7 +143,10 @@ def fast_parts(module: Any, batch: dict[str, Any]) -> tuple[nn.Module, nn.Module
     body = base_model(model)  # the table's body and LM head
     if body is model:  # a bare base model has no LM head to apply
         return None
-    head_linear = lm_head(model)
+    try:
+        head_linear = lm_head(model)
+    except UnsupportedArchitecture:  # e.g. a sequence classifier of a decoder family
+        return None
     layers = _lora_layers(model)
     if layers is None:
         return None
