@@ -194,3 +194,16 @@ def test_token_elimination(model_type):
         assert len(fractions) == 2 and all(f <= 0.5 + 1e-6 for f in fractions)  # half the blocks attended
     finally:
         cb.detach()
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "t5"])
+def test_encoders_are_refused_in_one_sentence(model_type):
+    from lightning_peft.datamodules.pruning.sstoken import check_family
+
+    model = TINY[model_type]()
+    kind = "an encoder-decoder" if model_type == "t5" else "a bidirectional encoder"
+    with pytest.raises(TokenEliminationError,
+                       match=rf"^TokenElimination cannot run on model_type '{model_type}' .*\(it is {kind}\)"):
+        TokenElimination().attach(model)
+    with pytest.raises(ValueError, match=rf"^SSToken cannot run on model_type '{model_type}' .*\(it is {kind}\)"):
+        check_family(model)
