@@ -22,6 +22,7 @@ Adding a family is one entry in :data:`ARCHITECTURES` (plus one tiny-config line
     for block in blocks(model):
         mods = block_modules(block, arch)         # {"q": Linear, "k": ..., "down": ..., "attn_norm": ...}
     facts = attention_facts(model)                # heads, kv_heads, head_dim, scaling, rotary module ...
+    parts = attention_parts(model, -1)            # last block's attention: parts.states(x) -> q, k, v heads
     require(model, component="TokenElimination", needs=("causal", "rope", "split_qkv"))
 """
 
