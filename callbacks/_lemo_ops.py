@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_peft.architectures import AttentionParts
+
 # ------------------------------------------------------------------------------------------ helpers
 
 
@@ -58,13 +60,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
-def project_qk(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+def project_qk(attn: AttentionParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Post-rotary queries ``[B, H, N, d]`` and keys ``[B, Hkv, N, d]`` of a Llama-style attention module."""
-    d = attn.head_dim
-    q = attn.q_proj(x).view(*x.shape[:2], -1, d).transpose(1, 2)
-    k = attn.k_proj(x).view(*x.shape[:2], -1, d).transpose(1, 2)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    """Post-rotary queries ``[B, H, N, d]`` and keys ``[B, Hkv, N, d]`` of one block's attention (``attn``
+    from :func:`lightning_peft.architectures.attention_parts`: q/k norms applied where the family has them)."""
+    q, k = attn.states(x, want_v=False)
+    return attn.rotate(q, cos, sin), attn.rotate(k, cos, sin)
 
 
 # ------------------------------------------------------------------- exact informativeness (§3.1)
@@ -115,15 +116,16 @@ def token_block_scores(matrix: torch.Tensor, symmetrize: bool = True) -> torch.T
     return matrix.sum(dim=-2)
 
 
-def exact_block_matrix(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: int,
+def exact_block_matrix(attn: AttentionParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: int,
                        token_valid: torch.Tensor | None) -> torch.Tensor:
     """The exact profiling matrix of a layer (causal, ``1/sqrt(d)``), ``[B, nb, nb]`` fp32, no graph."""
     with torch.no_grad():
         q, k = project_qk(attn, x, cos, sin)
-        return block_score_matrix(q, k, block, causal=True, scale=attn.head_dim ** -0.5, token_valid=token_valid)
+        return block_score_matrix(q, k, block, causal=True, scale=attn.facts.head_dim ** -0.5,
+                                  token_valid=token_valid)
 
 
-def exact_block_scores(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: int,
+def exact_block_scores(attn: AttentionParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: int,
                        token_valid: torch.Tensor | None, symmetrize: bool = True) -> torch.Tensor:
     """Exact informativeness of every block of a layer from its (normalised) input ``x``, ``[B, nb]`` fp32."""
     return token_block_scores(exact_block_matrix(attn, x, cos, sin, block, token_valid), symmetrize)
@@ -136,7 +138,7 @@ def causal_block_pairs(block_valid: torch.Tensor) -> torch.Tensor:
     return block_valid[:, :, None] & block_valid[:, None, :] & tril
 
 
-def predictor_target(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: int,
+def predictor_target(attn: AttentionParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: int,
                      token_valid: torch.Tensor | None) -> torch.Tensor:
     """The predictors' training target as in the released code: block max of ``sum_h ReLU(q^h k^hT)`` with
     no causal mask and no ``1/sqrt(d)``, divided by 16; ``[B, nb, nb]``."""
@@ -183,9 +185,10 @@ def block_to_token_index(block_idx: torch.Tensor, block: int) -> torch.Tensor:
 # ------------------------------------------------------------------------- sparse attention (§3.3)
 
 
-def sparse_attention(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def sparse_attention(attn: AttentionParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      token_idx: torch.Tensor, token_kept: torch.Tensor) -> torch.Tensor:
-    """Attention of a Llama-style module over the kept tokens only, scattered back to full length.
+    """Attention of one block (``attn`` from :func:`lightning_peft.architectures.attention_parts`) over the
+    kept tokens only, scattered back to full length.
 
     ``x [B, Np, D]`` is the block-padded normalised input, ``token_idx [B, M]`` the sorted kept token
     positions and ``token_kept [B, M]`` whether each gathered token is real (not padding, not a filler
@@ -195,7 +198,6 @@ def sparse_attention(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: t
     tokens pass the attention sub-block through the residual alone.
     """
     bsz, n_pad, hidden = x.shape
-    d = attn.head_dim
     # advanced indexing, not torch.gather: its backward keeps only the indices, while gather's would
     # keep the whole input x alive (the activation this method exists to avoid storing)
     rows = torch.arange(bsz, device=x.device)[:, None]
@@ -203,21 +205,19 @@ def sparse_attention(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: t
     cos_sel = cos.expand(bsz, -1, -1)[rows, token_idx]
     sin_sel = sin.expand(bsz, -1, -1)[rows, token_idx]
     m = x_sel.shape[1]
-    q = attn.q_proj(x_sel).view(bsz, m, -1, d).transpose(1, 2)
-    k = attn.k_proj(x_sel).view(bsz, m, -1, d).transpose(1, 2)
-    v = attn.v_proj(x_sel).view(bsz, m, -1, d).transpose(1, 2)
-    q, k = apply_rope(q, cos_sel, sin_sel), apply_rope(k, cos_sel, sin_sel)
-    dropout = attn.attention_dropout if attn.training else 0.0
+    q, k, v = attn.states(x_sel)
+    q, k = attn.rotate(q, cos_sel, sin_sel), attn.rotate(k, cos_sel, sin_sel)
+    dropout, scale = attn.dropout, attn.facts.scaling
     gqa = q.shape[1] != k.shape[1]
     if bool(token_kept.all()):
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=attn.scaling,
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale,
                                              enable_gqa=gqa)
     else:
         causal = torch.ones(m, m, dtype=torch.bool, device=x.device).tril()
         mask = (causal[None] & token_kept[:, None, :]) | torch.eye(m, dtype=torch.bool, device=x.device)[None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=dropout,
-                                             scale=attn.scaling, enable_gqa=gqa)
-    out = attn.o_proj(out.transpose(1, 2).reshape(bsz, m, -1))
+                                             scale=scale, enable_gqa=gqa)
+    out = attn.o(out.transpose(1, 2).reshape(bsz, m, -1))
     out = out * token_kept[:, :, None].to(out.dtype)
     full = out.new_zeros(bsz, n_pad, out.shape[-1])
     return full.index_put((rows, token_idx), out)

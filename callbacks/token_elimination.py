@@ -66,15 +66,16 @@ Departures and proposals (spec [I] items), all flagged:
 * predictors are trained on the model as it is during the dense calibration steps (the base model
   with a LoRA head at initialisation), not offline on RedPajama; they are not refreshed later.
 
-Supported backbones: the Llama family in transformers 5 (``llama``, ``qwen2``, ``mistral``). The
-mechanism needs only ``self_attn.{q,k,v,o}_proj`` and rotary ``position_embeddings``; another family
-is one entry in :data:`FAMILIES`.
+Supported backbones (:data:`FAMILIES`): ``llama``, ``mistral``, ``qwen2`` and ``qwen3`` (its q/k norms are
+applied before the rotary embedding, as in ``transformers``). Layers, q/k/v/o projections, q/k norms,
+scaling and the rotary recipe come from :mod:`lightning_peft.architectures`; any other family is refused
+in one sentence naming its ``model_type`` and what it lacks (:data:`NEEDS`: e.g. GPT-2's learned
+positions and fused ``c_attn``, BERT's bidirectional encoder).
 """
 
 from __future__ import annotations
 
 import types
-from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
@@ -82,39 +83,37 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_peft.architectures import (
+    AttentionParts,
+    attention_facts,
+    attention_parts,
+    base_model,
+    block_stacks,
+    get_path,
+    require,
+)
 from lightning_peft.backbones import unwrap_hf
+from lightning_peft.callbacks._lemo_calibration import PredictorCalibration, TokenEliminationError
 from lightning_peft.callbacks._lemo_ops import (
     BlockPredictor,
     block_to_token_index,
     channel_pruned_mlp,
-    exact_block_matrix,
     exact_block_scores,
     pad_to_blocks,
     predicted_block_scores,
-    predictor_recall,
-    predictor_target,
     select_blocks,
     sparse_attention,
-    token_block_scores,
-    train_predictors,
     valid_blocks,
 )
 
-
-class TokenEliminationError(ValueError):
-    """A TokenElimination setting or backbone that cannot work."""
-
-
-def _llama_layers(hf_model: nn.Module) -> nn.ModuleList:
-    return getattr(hf_model, hf_model.base_model_prefix).layers
+#: the families TokenElimination claims (tested in tests/test_lemo*.py and tests/test_family_matrix.py): their
+#: attention module is called with ``position_embeddings`` and their layout comes from the architecture table
+FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
+#: what the mechanism needs from a family (names from :data:`lightning_peft.architectures.NEEDS`)
+NEEDS: tuple[str, ...] = ("causal", "rope", "full_rotary", "split_qkv", "plain_scores")
 
 
-# model_type -> how to reach the decoder layers; each layer has ``self_attn`` (q/k/v/o_proj, head_dim,
-# scaling, attention_dropout, receives ``position_embeddings``) and ``mlp`` (gate/up/down_proj).
-FAMILIES: dict[str, Any] = {"llama": _llama_layers, "qwen2": _llama_layers, "mistral": _llama_layers}
-
-
-class TokenElimination(L.Callback):
+class TokenElimination(PredictorCalibration, L.Callback):
     """LeMo / JENGA contextual token elimination for long-context fine-tuning (see the module docstring).
 
     Args:
@@ -214,6 +213,8 @@ class TokenElimination(L.Callback):
         self.last_kept_fraction: dict[int, torch.Tensor] = {}
         self._hf: nn.Module | None = None
         self._layers: nn.ModuleList | None = None
+        self._arch: Any = None
+        self._parts: dict[int, AttentionParts] = {}
         self._sparse: dict[int, float] = {}
         self._patched: list[nn.Module] = []
         self._hooks: list[Any] = []
@@ -238,15 +239,10 @@ class TokenElimination(L.Callback):
                 return self
             self.detach()
         hf = unwrap_hf(model)
-        model_type = getattr(getattr(hf, "config", None), "model_type", None)
-        if model_type not in FAMILIES:
-            raise TokenEliminationError(
-                f"TokenElimination supports the Llama family ({', '.join(sorted(FAMILIES))}); this backbone is "
-                f"{model_type!r} ({type(hf).__name__}). Use one of those, or register the family in "
-                "lightning_peft.callbacks.token_elimination.FAMILIES."
-            )
+        self._arch = require(hf, component="TokenElimination", needs=NEEDS, families=FAMILIES,
+                             error=TokenEliminationError)
         self._hf = hf
-        self._layers = FAMILIES[model_type](hf)
+        self._layers = block_stacks(hf)[0]
         n_layers = len(self._layers)
         dense = set(range(n_layers // 2)) | {n_layers - 1} if self.dense_layers == "auto" else set(self.dense_layers)
         bad = sorted(i for i in list(dense) + list(self.layer_ratios) if not 0 <= i < n_layers)
@@ -257,18 +253,19 @@ class TokenElimination(L.Callback):
         self._sparse = {i: self.layer_ratios.get(i, self.keep_ratio) for i in range(n_layers) if i not in dense}
         if not self._sparse:
             rank_zero_warn("TokenElimination: every layer is dense (dense_layers covers all); nothing is eliminated.")
-        if getattr(hf.config, "sliding_window", None) and getattr(hf.config, "use_sliding_window", True):
+        if attention_facts(hf).sliding_window:
             rank_zero_warn("TokenElimination: sliding-window attention is not applied inside eliminated layers "
                            "(kept tokens attend causally to all kept tokens).")
         if self.mlp_backward_keep is not None:
             self._check_frozen_mlps()
-        body = getattr(hf, hf.base_model_prefix)
+        body = base_model(hf)
         self._hooks.append(body.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
+        self._parts = {i: attention_parts(hf, self._layers[i]) for i in self._sparse}
         for i in self._sparse:
-            layer = self._layers[i]
-            self._patch(layer.self_attn, self._attention_forward(i, layer.self_attn))
+            self._patch(self._parts[i].module, self._attention_forward(i, self._parts[i]))
             if self.mlp_backward_keep is not None:
-                self._patch(layer.mlp, self._mlp_forward(i, layer.mlp))
+                mlp = get_path(self._layers[i], self._arch.roles["down"].rsplit(".", 1)[0])
+                self._patch(mlp, self._mlp_forward(i, mlp))
         if self.predictors_path and not self.predictors:
             self.load_predictors(self.predictors_path)
         if self._pending_state is not None:
@@ -282,17 +279,18 @@ class TokenElimination(L.Callback):
             del module.forward
         for hook in self._hooks:
             hook.remove()
-        self._patched, self._hooks, self._hf, self._layers = [], [], None, None
+        self._patched, self._hooks, self._hf, self._layers, self._parts = [], [], None, None, {}
 
     def _patch(self, module: nn.Module, forward: Any) -> None:
         module.forward = types.MethodType(forward, module)
         self._patched.append(module)
 
     def _check_frozen_mlps(self) -> None:
+        roles = self._arch.roles
         for i in self._sparse:
-            mlp = self._layers[i].mlp
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                proj = getattr(mlp, name, None)
+            for role in ("gate", "up", "down"):
+                proj = get_path(self._layers[i], roles[role])
+                name = roles[role].split(".", 1)[-1]
                 if type(proj) is not nn.Linear or proj.weight.requires_grad or proj.bias is not None:
                     if type(proj) is not nn.Linear:
                         what = f"wrapped by the head ({type(proj).__module__}.{type(proj).__name__})"
@@ -341,8 +339,8 @@ class TokenElimination(L.Callback):
         )
 
     # ------------------------------------------------------------------ the patched forwards
-    def _attention_forward(self, layer: int, attn: nn.Module):
-        original = attn.forward
+    def _attention_forward(self, layer: int, parts: AttentionParts):
+        original = parts.module.forward
         owner = self
 
         def forward(module, hidden_states, position_embeddings=None, attention_mask=None,
@@ -352,7 +350,7 @@ class TokenElimination(L.Callback):
             if position_embeddings is None or past_key_values is not None:
                 return dense()
             if owner._collect is not None and module.training:
-                owner._collect_layer(layer, module, hidden_states, position_embeddings)
+                owner._collect_layer(layer, parts, hidden_states, position_embeddings)
                 return dense()
             ratio = owner.current_ratio(layer)
             if ratio is None or not (module.training or owner.apply_in_eval):
@@ -363,7 +361,7 @@ class TokenElimination(L.Callback):
                                    f"(block_size={owner.block_size}); nothing to eliminate, running dense.")
                     owner._said_short = True
                 return dense()
-            return owner._eliminate(layer, module, hidden_states, position_embeddings, ratio), None
+            return owner._eliminate(layer, parts, hidden_states, position_embeddings, ratio), None
 
         return forward
 
@@ -384,7 +382,7 @@ class TokenElimination(L.Callback):
             return torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         return valid.to(hidden.device)
 
-    def block_scores(self, layer: int, attn: nn.Module, x: torch.Tensor, position_embeddings: tuple,
+    def block_scores(self, layer: int, attn: AttentionParts, x: torch.Tensor, position_embeddings: tuple,
                      token_valid: torch.Tensor) -> torch.Tensor:
         """Runtime block scores of ``layer`` (fp32 ``[B, nb]``) from its normalised input ``x``."""
         cos, sin = position_embeddings
@@ -399,7 +397,7 @@ class TokenElimination(L.Callback):
         return predicted_block_scores(predictor(x), bvalid, exact_target=self.predictor_target == "exact",
                                       symmetrize=self.symmetrize)
 
-    def _eliminate(self, layer: int, attn: nn.Module, x: torch.Tensor, position_embeddings: tuple,
+    def _eliminate(self, layer: int, attn: AttentionParts, x: torch.Tensor, position_embeddings: tuple,
                    ratio: float) -> torch.Tensor:
         n = x.shape[1]
         b = self.block_size
@@ -421,132 +419,6 @@ class TokenElimination(L.Callback):
         # a tensor: no host sync in the training step (read when logging)
         self.last_kept_fraction[layer] = tok_kept.sum() / token_valid.sum().clamp_min(1)
         return out[:, :n]
-
-    # ------------------------------------------------------------------ calibration
-    def _collect_layer(self, layer: int, attn: nn.Module, x: torch.Tensor, position_embeddings: tuple) -> None:
-        cos, sin = position_embeddings
-        token_valid = self._valid(x)
-        with torch.no_grad():
-            matrix = exact_block_matrix(attn, x, cos, sin, self.block_size, token_valid)
-            exact = token_block_scores(matrix, self.symmetrize)
-            if self.predictor_target == "exact":
-                target = matrix
-            else:
-                target = predictor_target(attn, x, cos, sin, self.block_size, token_valid)
-        self._collect[layer].append((x.detach().float().clone(), target, valid_blocks(token_valid, self.block_size),
-                                     exact))
-
-    def begin_collection(self) -> None:
-        """Start recording calibration samples from the next training-mode forwards (runs dense)."""
-        self._collect = {i: [] for i in self._sparse}
-
-    def finish_calibration(self, progress: bool = True) -> dict[int, float]:
-        """Train the predictors (and/or thresholds) from the recorded samples; returns the recall per layer."""
-        collected, self._collect = self._collect, None
-        if not collected or not any(collected.values()):
-            raise TokenEliminationError("TokenElimination calibration saw no training forward; nothing to learn from.")
-        device = next(iter(collected.values()))[0][0].device
-        if self.scorer == "predictor" and not self.predictors:
-            hidden = self._hf.config.hidden_size
-            heads = self._hf.config.num_attention_heads
-            h1, h2 = self.predictor_hidden[0], self.predictor_hidden[1] if len(self.predictor_hidden) > 1 else None
-            with torch.random.fork_rng(devices=[]):  # seeded init without touching the training RNG
-                torch.manual_seed(self.seed)
-                predictors = {i: BlockPredictor(hidden, heads, self.block_size, int(h1),
-                                                None if h2 is None else int(h2)).to(device) for i in self._sparse}
-            n = len(next(iter(collected.values())))
-            train_n = n - 1 if n >= 2 else n
-            samples = {i: [s[:3] for s in collected[i][:train_n]] for i in predictors}
-            with torch.enable_grad():
-                train_predictors(predictors, samples, steps=self.predictor_steps, lr=self.predictor_lr,
-                                 loss=self.predictor_loss, elastic=self.elastic_pruning, progress=progress,
-                                 seed=self.seed, causal=self.predictor_target == "exact")
-            for p in predictors.values():
-                p.requires_grad_(False).eval()
-            self.predictors = predictors
-            held = {i: collected[i][-1] for i in predictors}
-            for i, (x, _, bvalid, exact) in held.items():
-                with torch.no_grad():
-                    pred = self._predicted(i, x, bvalid, predictors)
-                self.recall[i] = predictor_recall(pred, exact, bvalid, self._sparse[i])
-        if self.policy == "threshold" and self.thresholds is None:
-            self.thresholds = {}
-            for i, recs in collected.items():
-                means = []
-                for x, _, bvalid, exact in recs:
-                    s = exact if self.scorer == "exact" else self._predicted(i, x, bvalid)
-                    means.append(s[bvalid].float().mean())
-                self.thresholds[i] = float(torch.stack(means).mean())
-        return dict(self.recall)
-
-    def calibrate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], progress: bool = True
-                  ) -> dict[int, float]:
-        """Offline predictor training: run ``batches`` through ``model`` (no gradients), train, and return
-        the held-out recall per layer. ``model`` is the attached model (``module.model``)."""
-        self.attach(model)
-        was_training = model.training
-        model.train()
-        self.begin_collection()
-        with torch.no_grad():
-            for batch in batches:
-                model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        model.train(was_training)
-        return self.finish_calibration(progress=progress)
-
-    # ------------------------------------------------------------------ persistence
-    def predictor_state(self) -> dict[str, Any]:
-        return {
-            "shape": next(iter(self.predictors.values())).shape() if self.predictors else None,
-            "target": self.predictor_target,
-            "dims": {str(i): p.dims() for i, p in self.predictors.items()},
-            "weights": {str(i): {k: v.detach().cpu() for k, v in p.state_dict().items()}
-                        for i, p in self.predictors.items()},
-            "recall": {str(i): r for i, r in self.recall.items()},
-        }
-
-    def save_predictors(self, path: str) -> None:
-        """Write the trained predictors with their shapes (load with ``predictors_path=path``)."""
-        torch.save(self.predictor_state(), path)
-
-    def load_predictors(self, path: str) -> None:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise TokenEliminationError(f"predictors_path={path!r} does not exist; train predictors first "
-                                        "(leave predictors_path unset) and save them with save_predictors().") from None
-        self._load_predictor_state(state, source=path)
-
-    def _load_predictor_state(self, state: dict[str, Any], source: str) -> None:
-        shape = state.get("shape")
-        if shape is None:
-            return
-        hf = self._hf
-        want = {"hidden_size": hf.config.hidden_size, "num_heads": hf.config.num_attention_heads,
-                "block": self.block_size}
-        if shape != want:
-            raise TokenEliminationError(
-                f"predictors from {source} were trained for {shape}, but this run has {want}; "
-                "train predictors for this model and block_size (leave predictors_path unset)."
-            )
-        target = state.get("target", "released")
-        if target != self.predictor_target:
-            raise TokenEliminationError(
-                f"predictors from {source} were trained on the {target!r} target, but this run has "
-                f"predictor_target={self.predictor_target!r}; set predictor_target: {target} or retrain them."
-            )
-        layers = sorted(int(i) for i in state["weights"])
-        missing = sorted(set(self._sparse) - set(layers))
-        if missing:
-            raise TokenEliminationError(f"predictors from {source} cover layers {layers} but layer {missing[0]} is "
-                                        "sparsified here; match dense_layers to the run that trained them.")
-        device = next(hf.parameters()).device
-        predictors = {}
-        for i in self._sparse:
-            p = BlockPredictor(shape["hidden_size"], shape["num_heads"], shape["block"], dims=state["dims"][str(i)])
-            p.load_state_dict(state["weights"][str(i)])
-            predictors[i] = p.to(device).requires_grad_(False).eval()
-        self.predictors = predictors
-        self.recall = {int(i): float(r) for i, r in (state.get("recall") or {}).items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -621,4 +493,4 @@ def _batch_size(batch: Any) -> int:
     return 1
 
 
-__all__ = ["FAMILIES", "TokenElimination", "TokenEliminationError"]
+__all__ = ["FAMILIES", "NEEDS", "TokenElimination", "TokenEliminationError"]

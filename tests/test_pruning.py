@@ -11,6 +11,7 @@ import torch
 from helpers import cpu_threads, fit_interrupted_and_whole, run_cli_ranks, trainable_state
 
 from lightning_peft import CausalLM
+from lightning_peft.architectures import attention_parts
 from lightning_peft.datamodules import SyntheticSFTDataModule
 from lightning_peft.datamodules.pruning import QTuning, SSToken
 from lightning_peft.datamodules.pruning.qtuning import apply_plan, bisect_quadrants, plan_pruning, smoothed_scores
@@ -217,7 +218,7 @@ def test_sstoken_attention_recompute_matches_eager():
     with torch.no_grad():
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True)
     hidden, pos = pruner._captured
-    ours = last_layer_attention(decoder_layers(model)[-1], hidden, pos, batch["attention_mask"])
+    ours = last_layer_attention(attention_parts(model, -1), hidden, pos, batch["attention_mask"])
     ref = out.attentions[-1].mean(1)
     valid = batch["attention_mask"].bool()
     assert torch.allclose(ours[valid], ref[valid], atol=1e-5)

@@ -38,9 +38,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_peft.architectures import ARCHITECTURES, UnsupportedArchitecture, base_model, lm_head
+
 IGNORE_INDEX = -100
-#: backbones whose causal-LM forward is ``lm_head(body(x).last_hidden_state)`` with nothing after it
-FAST_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+#: backbones whose causal-LM forward is ``lm_head(body(x).last_hidden_state)`` with nothing after it: the
+#: causal decoders of the architecture table whose logits are not soft-capped (all but Gemma-2)
+FAST_NEEDS = ("causal", "plain_logits")
+FAST_MODEL_TYPES = tuple(a.model_type for a in ARCHITECTURES.values() if set(FAST_NEEDS) <= a.capabilities)
 #: at most this many ``rows x vocab`` fp32 elements per chunk in :func:`token_stats`
 CHUNK_ELEMENTS = 1 << 24
 
@@ -136,14 +140,17 @@ def fast_parts(module: Any, batch: dict[str, Any]) -> tuple[nn.Module, nn.Module
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in FAST_MODEL_TYPES:
         return None
-    body = getattr(model, "base_model", None)
-    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if body is None or body is model or lm_head is None:
+    body = base_model(model)  # the table's body and LM head
+    if body is model:  # a bare base model has no LM head to apply
+        return None
+    try:
+        head_linear = lm_head(model)
+    except UnsupportedArchitecture:  # e.g. a sequence classifier of a decoder family
         return None
     layers = _lora_layers(model)
     if layers is None:
         return None
-    return body, lm_head, layers
+    return body, head_linear, layers
 
 
 def _merged_weights(root: nn.Module, layers: list[nn.Module]) -> dict[str, torch.Tensor]:

@@ -48,9 +48,13 @@ proposal) rather than "dataset index < 10000"; it is read from ``trainer.global_
 uses the same ``gamma_t`` as an uninterrupted one. The pruner keeps no other state (``state_dict`` is
 empty); ties are broken by position (stable sort), so selection is deterministic.
 
-The attention recompute supports Llama-style decoder layers (Llama, SmolLM2, Qwen2, Mistral: a
-``self_attn`` with ``q_proj``/``k_proj`` and rotary ``position_embeddings``); other architectures raise
-a clear error. The pruner reads ``attention_mask`` and ``labels`` only, never the pad id.
+The attention recompute reads the family's recipe from :mod:`lightning_peft.architectures` (block list,
+pre-attention norm, q/k projections or fused qkv, q/k norms, rotary embeddings, scaling, sliding window)
+and is tested against each claimed family's own eager ``output_attentions``: every causal decoder in the
+table whose positions enter through rotary or input embeddings and whose scores are plainly scaled
+(Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3, GPT-2, GPT-NeoX, OPT). Gemma-2 (soft-capped scores,
+alternating windows), BLOOM (ALiBi) and encoders are refused in one sentence (:data:`ATTENTION_NEEDS`).
+The pruner reads ``attention_mask`` and ``labels`` only, never the pad id.
 """
 
 from __future__ import annotations
@@ -111,40 +115,58 @@ def select_tokens(rel: torch.Tensor, attn_score: torch.Tensor, response: torch.T
     return (rank < k[:, None]) & response
 
 
-def last_layer_attention(layer: torch.nn.Module, hidden: torch.Tensor, position_embeddings: Any,
-                         attention_mask: torch.Tensor) -> torch.Tensor:
-    """Head-averaged attention probabilities (B, S, S) of one Llama-style decoder layer, recomputed
-    from its input hidden states (causal + key-padding mask, softmax in fp32)."""
-    attn = getattr(layer, "self_attn", None)
-    norm = getattr(layer, "input_layernorm", None)
-    if attn is None or norm is None or not hasattr(attn, "q_proj") or position_embeddings is None:
-        raise TypeError(f"SSToken recomputes attention for Llama-style decoder layers (self_attn.q_proj and rotary "
-                        f"position_embeddings); {type(layer).__name__} is not one. Use a Llama/Qwen/SmolLM backbone.")
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+#: what the attention recompute needs from a family (see :func:`lightning_peft.architectures.require`)
+ATTENTION_NEEDS = ("causal", "lm_head", "unbiased_scores", "plain_scores")
 
-    x = norm(hidden)
-    b, s, _ = x.shape
-    hd = attn.head_dim
-    q = attn.q_proj(x).view(b, s, -1, hd).transpose(1, 2)
-    k = attn.k_proj(x).view(b, s, -1, hd).transpose(1, 2)
-    cos, sin = position_embeddings
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+
+def check_family(model: torch.nn.Module) -> Any:
+    """The architecture-table entry of ``model`` if SSToken can recompute its attention, else one sentence."""
+    from lightning_peft.architectures import require
+
+    return require(model, component="SSToken", needs=ATTENTION_NEEDS)
+
+
+@torch.no_grad()
+def last_layer_attention(parts: Any, hidden: torch.Tensor, position_embeddings: Any,
+                         attention_mask: torch.Tensor) -> torch.Tensor:
+    """Head-averaged attention probabilities (B, S, S) of one decoder block, recomputed from its input
+    hidden states with the family's recipe from the architecture table (``parts`` is
+    :func:`lightning_peft.architectures.attention_parts`): pre-attention norm, q/k projections (fused or
+    not), q/k norms where the family has them (Qwen3), rotary embeddings where it uses them, causal +
+    key-padding (+ sliding-window) mask, softmax in fp32. The projections run in eval mode (dropout off,
+    LoRA dropout included) and are restored afterwards, so the result is the deterministic attention of
+    the current weights rather than a fresh dropout draw (issue 12, defect 2)."""
+    was = parts.module.training
+    parts.module.eval()
+    try:
+        x = parts.norm(hidden)
+        q, k = parts.states(x, want_v=False)
+    finally:
+        parts.module.train(was)
+    if position_embeddings is not None:
+        cos, sin = position_embeddings
+        q, k = parts.rotate(q, cos, sin), parts.rotate(k, cos, sin)
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * float(getattr(attn, "scaling", hd ** -0.5))
-    causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-    allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    s = x.shape[1]
+    scores = (q.float() @ k.float().transpose(-1, -2)) * parts.facts.scaling
+    i = torch.arange(s, device=x.device)
+    allowed = i[:, None] >= i[None, :]
+    window = parts.facts.sliding_window
+    if window is not None:
+        allowed = allowed & (i[:, None] - i[None, :] < window)
+    allowed = allowed[None, None] & attention_mask.bool()[:, None, None, :]
     scores = scores.masked_fill(~allowed, -math.inf)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked (pad) rows -> 0
     return probs.mean(1)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder-layer list of a (possibly peft-wrapped) causal LM."""
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] in ("layers", "h") and len(module):
-            return module
-    raise TypeError(f"SSToken found no decoder-layer list in {type(model).__name__}.")
+    """The decoder-block list of a (possibly peft- or Lightning-wrapped) causal LM, from the architecture table."""
+    from lightning_peft.architectures import block_stacks
+
+    check_family(model)
+    return block_stacks(model)[-1]
 
 
 def sample_key(ids: torch.Tensor) -> str:
@@ -309,17 +331,22 @@ class SSToken(BatchPruner):
         target = getattr(model, "model", model)
         if self._hooked is not None and self._hooked[0] is target:
             return
+        from lightning_peft.architectures import attention_parts
+
         layer = decoder_layers(target)[self.layer]
+        parts = attention_parts(target, layer)
 
         def pre_hook(module, args, kwargs):
             if self._armed:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 pos = kwargs.get("position_embeddings")
+                if pos is None and parts.facts.rotary is not None:  # a family that does not pass them in
+                    pos = parts.position_embeddings(target, hidden)
                 pos = tuple(p.detach() for p in pos) if pos is not None else None
                 self._captured = (hidden.detach(), pos)
 
         handle = layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        self._hooked = (target, layer, handle)
+        self._hooked = (target, parts, handle)
 
     # ---------------------------------------------------------------- the step
     def __call__(self, batch: dict[str, Any], model: Any = None) -> dict[str, Any]:
@@ -356,8 +383,7 @@ class SSToken(BatchPruner):
         mask = batch.get("attention_mask", torch.ones_like(labels)).bool()
         response = (labels != IGNORE_INDEX) & mask
         response[:, 0] = False
-        layer = self._hooked[1]
-        attn = last_layer_attention(layer, hidden, pos, mask.long())
+        attn = last_layer_attention(self._hooked[1], hidden, pos, mask.long())
         attn_score = attention_to_prompt(attn, (~response) & mask)
         rel = (history - token_loss.float()) if history is not None else torch.zeros_like(token_loss, dtype=torch.float)
         keep = select_tokens(rel, attn_score, response, gamma_t, self.rho)
@@ -375,4 +401,5 @@ class SSToken(BatchPruner):
         return weights
 
 
-__all__ = ["SSToken", "attention_to_prompt", "last_layer_attention", "minmax_rel", "select_tokens", "token_losses"]
+__all__ = ["ATTENTION_NEEDS", "SSToken", "attention_to_prompt", "check_family", "decoder_layers",
+           "last_layer_attention", "minmax_rel", "select_tokens", "token_losses"]
