@@ -62,7 +62,7 @@ class ClassificationDataModule(BaseDataModule):
         num_workers: DataLoader worker processes.
         pruner: a :class:`~lightning_peft.datamodules.pruning.BatchPruner` applied to training batches.
         selector: a :class:`~lightning_peft.datamodules.selection.DatasetSelector` that chooses the training
-            rows once in ``setup("fit")`` (kept as ``selected_indices``, indices into the tokenised rows).
+            rows once before training (kept as ``selected_indices``, indices into the tokenised rows).
     """
 
     def __init__(

@@ -435,18 +435,18 @@ class BaseDataModule(L.LightningDataModule):
     def apply_selector(self, stage: str | None) -> None:
         """Subclasses call this at the end of ``setup``: the ``selector`` (if any) chooses the training rows.
 
-        Runs once, on every rank (the broadcast inside is a collective). A run resuming from a checkpoint
-        does not select here: :meth:`load_state_dict` (which Lightning calls after ``setup``) restores the
-        saved indices, and ``train_dataloader`` selects only if the checkpoint held none.
+        Without a trainer (``dm.setup("fit")`` in Python) it selects at once. Under a trainer it selects in
+        the first ``train_dataloader()``, which Lightning calls on every rank (the broadcast inside is a
+        collective) *after* restoring a checkpoint: ``setup`` runs before the restore and cannot tell a
+        resumed run by public API, and a resumed run must take the saved indices
+        (:meth:`load_state_dict`) instead of selecting again.
         """
         if getattr(self, "selector", None) is None or "train" not in self._data or stage not in (None, "fit"):
             return
         if self._train_pool is None:
             self._train_pool = self._data["train"]
-        trainer = self.trainer
-        if trainer is not None and getattr(trainer, "ckpt_path", None):
-            return  # resuming: the checkpoint's indices arrive in load_state_dict
-        self._select_if_needed()
+        if self.trainer is None:
+            self._select_if_needed()
 
     def _select_if_needed(self) -> None:
         if getattr(self, "selector", None) is None or self._train_pool is None or self.selected_indices is not None:

@@ -66,7 +66,7 @@ class SyntheticSFTDataModule(BaseDataModule):
         pruner: a :class:`~lightning_peft.datamodules.pruning.BatchPruner` applied to training batches.
         reverse_answer: write the response's digits in reverse order (easier to learn).
         selector: a :class:`~lightning_peft.datamodules.selection.DatasetSelector` that chooses the training
-            rows once in ``setup("fit")`` (kept as ``selected_indices``, indices into the tokenised rows).
+            rows once before training (kept as ``selected_indices``, indices into the tokenised rows).
     """
 
     def __init__(

@@ -1,7 +1,9 @@
 """The ``DatasetSelector`` contract: decide once, over the whole training set, which rows to train on.
 
-A selector runs in the DataModule's ``setup("fit")`` over the training rows *after* tokenisation
-(each row a dict with ``input_ids`` and ``labels`` or ``label``). Rank 0 decides; the chosen row
+A selector runs once over the training rows *after* tokenisation (each row a dict with ``input_ids``
+and ``labels`` or ``label``): in the DataModule's ``setup("fit")`` when there is no trainer, else in the
+first ``train_dataloader()``, which Lightning calls on every rank after restoring a checkpoint (so a
+resumed run can take the saved indices instead of selecting again). Rank 0 decides; the chosen row
 indices are broadcast with the trainer strategy's public ``broadcast`` (called on every rank, since it
 is a collective) so every rank trains on the same subset. The DataModule keeps them as
 ``datamodule.selected_indices`` and in its ``state_dict``, so a resumed run reuses them and selects
