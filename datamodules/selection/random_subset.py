@@ -7,8 +7,8 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_peft.objectives.losses import IGNORE_INDEX
 from lightning_peft.datamodules.selection.base import DatasetSelector, SelectionError
+from lightning_peft.objectives.losses import IGNORE_INDEX
 
 
 class RandomSubset(DatasetSelector):

@@ -158,17 +158,16 @@ class PromptHead(Head):
                             "(e.g. PeftHead PREFIX_TUNING).")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        kwargs_in, n_virtual = self.model_inputs(model, {"input_ids": input_ids, "attention_mask": attention_mask})
+        kwargs_in, _ = self.model_inputs(model, {"input_ids": input_ids, "attention_mask": attention_mask})
         user_criteria = kwargs.pop("stopping_criteria", None)
         if user_criteria:
             from transformers import StoppingCriteriaList
 
             kwargs["stopping_criteria"] = StoppingCriteriaList([_SeesPrompt(c, input_ids) for c in user_criteria])
-        if "inputs_embeds" not in kwargs_in:
-            new = self.language_model(model).generate(**kwargs_in, **kwargs)
-            return new
-        new = self.language_model(model).generate(**kwargs_in, **kwargs)  # only the new tokens
-        return torch.cat([input_ids, new], dim=1)
+        out = self.language_model(model).generate(**kwargs_in, **kwargs)
+        if "inputs_embeds" not in kwargs_in:  # no virtual tokens: transformers returns [input_ids, new]
+            return out
+        return torch.cat([input_ids, out], dim=1)  # from inputs_embeds transformers returns only the new tokens
 
 
 class _SeesPrompt:
