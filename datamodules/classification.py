@@ -29,6 +29,7 @@ from .common import (
     to_text,
 )
 from .pruning import BatchPruner
+from .selection import DatasetSelector
 
 
 def _is_int(value: Any) -> bool:
@@ -60,6 +61,8 @@ class ClassificationDataModule(BaseDataModule):
         seed: shuffling and ``val_fraction`` split seed.
         num_workers: DataLoader worker processes.
         pruner: a :class:`~lightning_peft.datamodules.pruning.BatchPruner` applied to training batches.
+        selector: a :class:`~lightning_peft.datamodules.selection.DatasetSelector` that chooses the training
+            rows once before training (kept as ``selected_indices``, indices into the tokenised rows).
     """
 
     def __init__(
@@ -79,9 +82,10 @@ class ClassificationDataModule(BaseDataModule):
         seed: int = 0,
         num_workers: int = 0,
         pruner: BatchPruner | None = None,
+        selector: DatasetSelector | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["pruner"])
+        self.save_hyperparameters(ignore=["pruner", "selector"])
         self.train_file = train_file
         self.val_file = val_file
         self.test_file = test_file
@@ -97,6 +101,7 @@ class ClassificationDataModule(BaseDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.pruner = pruner
+        self.selector = selector
         self._check_common()
         if not 1 <= len(self.text_fields) <= 2:
             raise DataError(f"text_field={text_field!r} must name one column or a pair of columns; "
@@ -206,6 +211,7 @@ class ClassificationDataModule(BaseDataModule):
             texts = [[to_text(v) for v in ds[f]] for f in self.text_fields]
             enc = tok(*texts, truncation=True, max_length=self.max_length)
             self._data[split] = [{"input_ids": ids, "label": y} for ids, y in zip(enc["input_ids"], labels)]
+        self.apply_selector(stage)
 
     def collator(self) -> ClassificationCollator:
         return ClassificationCollator(pad_id_of(self._tokenizer))

@@ -312,6 +312,9 @@ class BaseDataModule(L.LightningDataModule):
         self._data: dict[str, list[dict[str, Any]]] = {}
         self._train_sampler: ResumableSampler | None = None
         self._resume: tuple[int, int] | None = None
+        #: training-row indices kept by ``selector`` (None: no selector, or not selected yet)
+        self.selected_indices: list[int] | None = None
+        self._train_pool: list[dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ checks on the plain values
     def _check_common(self) -> None:
@@ -386,6 +389,7 @@ class BaseDataModule(L.LightningDataModule):
         return self._data[split]
 
     def train_dataloader(self) -> DataLoader:
+        self._select_if_needed()
         data = self._split("train")
         trainer = self.trainer
         world, rank = (int(trainer.world_size), int(trainer.global_rank)) if trainer is not None else (1, 0)
@@ -427,20 +431,58 @@ class BaseDataModule(L.LightningDataModule):
             batch = self.pruner(batch, model=trainer.lightning_module)
         return batch
 
+    # ------------------------------------------------------------------ dataset selection
+    def apply_selector(self, stage: str | None) -> None:
+        """Subclasses call this at the end of ``setup``: the ``selector`` (if any) chooses the training rows.
+
+        Without a trainer (``dm.setup("fit")`` in Python) it selects at once. Under a trainer it selects in
+        the first ``train_dataloader()``, which Lightning calls on every rank (the broadcast inside is a
+        collective) *after* restoring a checkpoint: ``setup`` runs before the restore and cannot tell a
+        resumed run by public API, and a resumed run must take the saved indices
+        (:meth:`load_state_dict`) instead of selecting again.
+        """
+        if getattr(self, "selector", None) is None or "train" not in self._data or stage not in (None, "fit"):
+            return
+        if self._train_pool is None:
+            self._train_pool = self._data["train"]
+        if self.trainer is None:
+            self._select_if_needed()
+
+    def _select_if_needed(self) -> None:
+        if getattr(self, "selector", None) is None or self._train_pool is None or self.selected_indices is not None:
+            return
+        self._use_selection(self.selector.run(self._train_pool, self, self.trainer))
+
+    def _use_selection(self, indices: list[int]) -> None:
+        pool = self._train_pool
+        if pool is None:
+            raise DataError(f"{type(self).__name__} has saved selected_indices but no training rows yet; "
+                            "call setup('fit') before load_state_dict.")
+        if indices and max(indices) >= len(pool):
+            raise DataError(f"Saved selected_indices reach row {max(indices)} but the training set has {len(pool)} "
+                            "rows; resume with the same training data as the checkpoint.")
+        self.selected_indices = [int(i) for i in indices]
+        self._data["train"] = [pool[i] for i in self.selected_indices]
+
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         trainer = self.trainer
         if trainer is None:
             return {}
-        return {
+        state = {
             "epoch": int(trainer.current_epoch),
             "batches_done": int(trainer.fit_loop.epoch_loop.batch_progress.current.ready),
             "world_size": int(trainer.world_size),
         }
+        if self.selected_indices is not None:
+            state["selected_indices"] = list(self.selected_indices)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
+        if state_dict.get("selected_indices") is not None and getattr(self, "selector", None) is not None:
+            self._use_selection(list(state_dict["selected_indices"]))
         skip = int(state_dict["batches_done"]) * self.batch_size * int(state_dict.get("world_size", 1))
         self._resume = (int(state_dict["epoch"]), skip)
         if self._train_sampler is not None:

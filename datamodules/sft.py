@@ -34,6 +34,7 @@ from .common import (
     to_text,
 )
 from .pruning import BatchPruner
+from .selection import DatasetSelector
 
 
 def template_fields(template: str) -> list[str]:
@@ -79,6 +80,8 @@ class SFTDataModule(BaseDataModule):
         seed: shuffling and ``val_fraction`` split seed.
         num_workers: DataLoader worker processes.
         pruner: a :class:`~lightning_peft.datamodules.pruning.BatchPruner` applied to training batches.
+        selector: a :class:`~lightning_peft.datamodules.selection.DatasetSelector` that chooses the training
+            rows once before training (kept as ``selected_indices``, indices into the tokenised rows).
     """
 
     def __init__(
@@ -100,9 +103,10 @@ class SFTDataModule(BaseDataModule):
         seed: int = 0,
         num_workers: int = 0,
         pruner: BatchPruner | None = None,
+        selector: DatasetSelector | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["pruner"])
+        self.save_hyperparameters(ignore=["pruner", "selector"])
         self.train_file = train_file
         self.val_file = val_file
         self.test_file = test_file
@@ -120,6 +124,7 @@ class SFTDataModule(BaseDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.pruner = pruner
+        self.selector = selector
         self._check_common()
         if (prompt_template is None) == (prompt_field is None):
             raise DataError("Set exactly one of prompt_template (e.g. 'Question: {question}\\nAnswer: ') and "
@@ -206,6 +211,7 @@ class SFTDataModule(BaseDataModule):
                                          prompt_special_tokens=not self.use_chat_template)
             check_sft_examples(examples, stats, split, self.max_length, self.response_field)
             self._data[split] = examples
+        self.apply_selector(stage)
 
     def collator(self) -> CausalLMCollator:
         return CausalLMCollator(pad_id_of(self._tokenizer))

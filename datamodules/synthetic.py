@@ -17,6 +17,7 @@ import random
 
 from .common import BaseDataModule, CausalLMCollator, DataError, check_sft_examples, encode_sft, pad_id_of
 from .pruning import BatchPruner
+from .selection import DatasetSelector
 
 TASKS = ("addition", "copy")
 
@@ -64,6 +65,8 @@ class SyntheticSFTDataModule(BaseDataModule):
         num_workers: DataLoader worker processes.
         pruner: a :class:`~lightning_peft.datamodules.pruning.BatchPruner` applied to training batches.
         reverse_answer: write the response's digits in reverse order (easier to learn).
+        selector: a :class:`~lightning_peft.datamodules.selection.DatasetSelector` that chooses the training
+            rows once before training (kept as ``selected_indices``, indices into the tokenised rows).
     """
 
     def __init__(
@@ -80,9 +83,10 @@ class SyntheticSFTDataModule(BaseDataModule):
         num_workers: int = 0,
         pruner: BatchPruner | None = None,
         reverse_answer: bool = False,
+        selector: DatasetSelector | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["pruner"])
+        self.save_hyperparameters(ignore=["pruner", "selector"])
         self.task = task
         self.num_digits = num_digits
         self.num_train = num_train
@@ -94,6 +98,7 @@ class SyntheticSFTDataModule(BaseDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.pruner = pruner
+        self.selector = selector
         self.reverse_answer = reverse_answer
         self._check_common()
         if task not in TASKS:
@@ -122,6 +127,7 @@ class SyntheticSFTDataModule(BaseDataModule):
             examples, stats = encode_sft([p for p, _ in pairs], [r for _, r in pairs], tok, self.max_length)
             check_sft_examples(examples, stats, split, self.max_length)
             self._data[split] = examples
+        self.apply_selector(stage)
 
     def collator(self) -> CausalLMCollator:
         return CausalLMCollator(pad_id_of(self._tokenizer))

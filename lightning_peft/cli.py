@@ -12,7 +12,8 @@ import sys
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
+from torch.optim import Optimizer
 
 from lightning_peft.modules import PeftModule, _plain
 
@@ -21,16 +22,38 @@ class PeftCLI(LightningCLI):
     """LightningCLI whose ``optimizer:`` / ``lr_scheduler:`` sections are handed to the module.
 
     The module builds the optimizer itself from the head's parameter groups (so per-group learning
-    rates and frozen parameters are respected) instead of ``model.parameters()``.
+    rates and frozen parameters are respected) instead of ``model.parameters()``. Only public
+    LightningCLI API is used: automatic optimizer configuration is switched off
+    (``auto_configure_optimizers=False``), the two sections are added in :meth:`add_arguments_to_parser`
+    and, once the classes exist, :meth:`after_instantiate_classes` passes them to
+    :meth:`~lightning_peft.modules.PeftModule.set_optimizer`.
     """
 
-    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
-        optimizer = self._get(self.config_init, "optimizer")
-        scheduler = self._get(self.config_init, "lr_scheduler")
-        if optimizer and isinstance(self.model, PeftModule):
-            self.model.set_optimizer(_plain(optimizer), _plain(scheduler) if scheduler else None)
-        elif optimizer:
-            super()._add_configure_optimizers_method_to_model(subcommand)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_optimizer_args((Optimizer,))
+        parser.add_lr_scheduler_args(LRSchedulerTypeTuple)
+
+    def subcommand_config(self) -> Any:
+        """The instantiated config of the running subcommand (the whole config when there is none)."""
+        config = self.config_init
+        return config.get(str(self.subcommand), config) if self.subcommand else config
+
+    def after_instantiate_classes(self) -> None:
+        config = self.subcommand_config()
+        optimizer, scheduler = config.get("optimizer"), config.get("lr_scheduler")
+        if not optimizer:
+            if scheduler:
+                raise ValueError("lr_scheduler is set without optimizer; add an optimizer: section (e.g. "
+                                 "class_path: torch.optim.AdamW) so the scheduler has one to drive.")
+            return
+        if not isinstance(self.model, PeftModule):
+            raise ValueError(f"optimizer: is handed to a PeftModule, but the model is {type(self.model).__name__}; "
+                             "use a lightning_peft module (CausalLM, SequenceClassifier).")
+        self.model.set_optimizer(_plain(optimizer), _plain(scheduler) if scheduler else None)
 
 
 def export_main(argv: list[str]) -> dict[str, Any]:
