@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_peft.objectives.losses import IGNORE_INDEX
+from lightning_peft.objectives import IGNORE_INDEX
 
 JSON_EXTENSIONS = (".json", ".jsonl")
 CSV_EXTENSIONS = (".csv", ".tsv")
@@ -297,6 +297,26 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples
 
 
+# ----------------------------------------------------------------------------------------- pruner context
+def pruner_context(trainer: Any, module: Any) -> Any:
+    """The :class:`~lightning_peft.datamodules.pruning.PrunerContext` of the current training batch,
+    from the trainer's public attributes."""
+    import math
+
+    from lightning_peft.datamodules.pruning import PrunerContext
+
+    plugin = getattr(trainer, "precision_plugin", None)
+    return PrunerContext(
+        module=module,
+        precision=getattr(trainer, "precision", None),
+        forward_context=plugin.forward_context if plugin is not None else None,
+        global_step=int(getattr(trainer, "global_step", 0)),
+        epoch=int(getattr(trainer, "current_epoch", 0)),
+        num_training_batches=getattr(trainer, "num_training_batches", math.inf),
+        accumulate_grad_batches=int(getattr(trainer, "accumulate_grad_batches", 1)),
+    )
+
+
 # ----------------------------------------------------------------------------------------- base class
 class BaseDataModule(L.LightningDataModule):
     """Tokenizer resolution, the max-length check, dataloaders, resume state and the pruner hook.
@@ -422,24 +442,48 @@ class BaseDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ pruning
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches go through the pruner: it is bound to this batch's :class:`PrunerContext`
+        (a ``TokenSelector`` pruner is also registered as ``module.token_selector``), then called."""
         trainer = self.trainer
-        if self.pruner is not None and trainer is not None and trainer.training:
-            batch = self.pruner(batch, model=trainer.lightning_module)
+        pruner = getattr(self, "pruner", None)
+        if pruner is not None and trainer is not None and trainer.training:
+            module = trainer.lightning_module
+            if hasattr(pruner, "bind"):
+                pruner.bind(pruner_context(trainer, module))
+            from lightning_peft.objectives import TokenSelector
+
+            if isinstance(pruner, TokenSelector):
+                module.token_selector = pruner
+            batch = pruner(batch, model=module)
         return batch
+
+    def notify_train_epoch_end(self) -> None:
+        """Called by the module's ``on_train_epoch_end`` on every rank; passes the epoch end to the pruner."""
+        pruner = getattr(self, "pruner", None)
+        if pruner is not None and hasattr(pruner, "on_train_epoch_end") and self.trainer is not None:
+            pruner.on_train_epoch_end(self.trainer)
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
+        """Where the epoch stands (for a mid-epoch resume) and the pruner's state (``pruner``)."""
         trainer = self.trainer
-        if trainer is None:
-            return {}
-        return {
-            "epoch": int(trainer.current_epoch),
-            "batches_done": int(trainer.fit_loop.epoch_loop.batch_progress.current.ready),
-            "world_size": int(trainer.world_size),
-        }
+        state: dict[str, Any] = {}
+        if trainer is not None:
+            state = {
+                "epoch": int(trainer.current_epoch),
+                "batches_done": int(trainer.fit_loop.epoch_loop.batch_progress.current.ready),
+                "world_size": int(trainer.world_size),
+            }
+        pruner = getattr(self, "pruner", None)
+        if pruner is not None and hasattr(pruner, "state_dict"):
+            state["pruner"] = pruner.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
+        pruner = getattr(self, "pruner", None)
+        if pruner is not None and hasattr(pruner, "load_state_dict") and "pruner" in state_dict:
+            pruner.load_state_dict(state_dict["pruner"])
+        if "batches_done" not in state_dict:
             return
         skip = int(state_dict["batches_done"]) * self.batch_size * int(state_dict.get("world_size", 1))
         self._resume = (int(state_dict["epoch"]), skip)
