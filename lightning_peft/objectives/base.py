@@ -9,7 +9,8 @@
 * ``logs`` are scalars the module logs every training step under their own names;
 * ``predictions`` are what the evaluation metrics need: the logits aligned with the labels, or, for a
   causal LM whose objective never builds the whole logits (segmented loss), the next-token argmax ids
-  ``[B, N-1]`` (an integer tensor).
+  ``[B, N-1]`` (an integer tensor). An objective may leave them None while gradients are enabled when
+  producing them costs extra (the segmented loss computes them only under ``torch.no_grad()``).
 
 :class:`LogitsObjective` is the plain single-forward case (one ``module(batch)`` → logits → loss); a
 subclass implements :meth:`LogitsObjective.from_logits`. Heads that compute their own loss (peft CPT,
