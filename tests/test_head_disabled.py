@@ -14,6 +14,8 @@ from lightning_peft.heads import FullFineTune, HeadError, LoRA, PeftHead
 
 cpu_threads()
 
+IA3_TARGETS = ["k_proj", "down_proj"]
+
 
 def _moved(module, seed=1):
     g = torch.Generator().manual_seed(seed)
@@ -31,7 +33,7 @@ def _flags(module):
 @pytest.mark.parametrize("make", [
     lambda: CausalLM(backbone="tiny-llama", head=LoRA(r=4, alpha=8)),
     lambda: CausalLM(backbone="tiny-llama", head=LoRA(r=4, use_dora=True)),
-    lambda: CausalLM(backbone="tiny-llama", head=PeftHead({"peft_type": "IA3", "target_modules": ["k_proj", "down_proj"],
+    lambda: CausalLM(backbone="tiny-llama", head=PeftHead({"peft_type": "IA3", "target_modules": IA3_TARGETS,
                                                             "feedforward_modules": ["down_proj"]})),
     lambda: SequenceClassifier(backbone="tiny-bert", head=LoRA(r=4, target_modules=["query", "value"])),
 ], ids=["lora", "dora", "ia3", "lora-classifier"])
