@@ -297,26 +297,6 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples
 
 
-# ----------------------------------------------------------------------------------------- pruner context
-def pruner_context(trainer: Any, module: Any) -> Any:
-    """The :class:`~lightning_peft.datamodules.pruning.PrunerContext` of the current training batch,
-    from the trainer's public attributes."""
-    import math
-
-    from lightning_peft.datamodules.pruning import PrunerContext
-
-    plugin = getattr(trainer, "precision_plugin", None)
-    return PrunerContext(
-        module=module,
-        precision=getattr(trainer, "precision", None),
-        forward_context=plugin.forward_context if plugin is not None else None,
-        global_step=int(getattr(trainer, "global_step", 0)),
-        epoch=int(getattr(trainer, "current_epoch", 0)),
-        num_training_batches=getattr(trainer, "num_training_batches", math.inf),
-        accumulate_grad_batches=int(getattr(trainer, "accumulate_grad_batches", 1)),
-    )
-
-
 # ----------------------------------------------------------------------------------------- base class
 class BaseDataModule(L.LightningDataModule):
     """Tokenizer resolution, the max-length check, dataloaders, resume state and the pruner hook.
@@ -448,10 +428,11 @@ class BaseDataModule(L.LightningDataModule):
         pruner = getattr(self, "pruner", None)
         if pruner is not None and trainer is not None and trainer.training:
             module = trainer.lightning_module
-            if hasattr(pruner, "bind"):
-                pruner.bind(pruner_context(trainer, module))
+            from lightning_peft.datamodules.pruning import PrunerContext
             from lightning_peft.objectives import TokenSelector
 
+            if hasattr(pruner, "bind"):
+                pruner.bind(PrunerContext.from_trainer(trainer, module))
             if isinstance(pruner, TokenSelector):
                 module.token_selector = pruner
             batch = pruner(batch, model=module)

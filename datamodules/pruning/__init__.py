@@ -64,6 +64,20 @@ class PrunerContext:
     num_training_batches: float = math.inf
     accumulate_grad_batches: int = 1
 
+    @classmethod
+    def from_trainer(cls, trainer: Any, module: Any) -> PrunerContext:
+        """The context of the current training batch, from the trainer's public attributes."""
+        plugin = getattr(trainer, "precision_plugin", None)
+        return cls(
+            module=module,
+            precision=getattr(trainer, "precision", None),
+            forward_context=plugin.forward_context if plugin is not None else None,
+            global_step=int(getattr(trainer, "global_step", 0)),
+            epoch=int(getattr(trainer, "current_epoch", 0)),
+            num_training_batches=getattr(trainer, "num_training_batches", math.inf),
+            accumulate_grad_batches=int(getattr(trainer, "accumulate_grad_batches", 1)),
+        )
+
 
 def check_ratio(name: str, value: float) -> None:
     """Raise ``ValueError`` unless ``0 < value <= 1``."""
