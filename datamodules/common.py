@@ -432,7 +432,7 @@ class BaseDataModule(L.LightningDataModule):
             from lightning_peft.objectives import TokenSelector
 
             if hasattr(pruner, "bind"):
-                pruner.bind(PrunerContext.from_trainer(trainer, module))
+                pruner.bind(PrunerContext.of(trainer, module))
             if isinstance(pruner, TokenSelector):
                 module.token_selector = pruner
             batch = pruner(batch, model=module)

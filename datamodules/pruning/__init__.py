@@ -65,7 +65,7 @@ class PrunerContext:
     accumulate_grad_batches: int = 1
 
     @classmethod
-    def from_trainer(cls, trainer: Any, module: Any) -> PrunerContext:
+    def of(cls, trainer: Any, module: Any) -> PrunerContext:
         """The context of the current training batch, from the trainer's public attributes."""
         plugin = getattr(trainer, "precision_plugin", None)
         return cls(
