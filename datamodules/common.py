@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_peft.objectives.losses import IGNORE_INDEX
+from lightning_peft.objectives import IGNORE_INDEX
 
 JSON_EXTENSIONS = (".json", ".jsonl")
 CSV_EXTENSIONS = (".csv", ".tsv")
@@ -426,9 +426,20 @@ class BaseDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ pruning
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches go through the pruner: it is bound to this batch's :class:`PrunerContext`
+        (a ``TokenSelector`` pruner is also registered as ``module.token_selector``), then called."""
         trainer = self.trainer
-        if self.pruner is not None and trainer is not None and trainer.training:
-            batch = self.pruner(batch, model=trainer.lightning_module)
+        pruner = getattr(self, "pruner", None)
+        if pruner is not None and trainer is not None and trainer.training:
+            module = trainer.lightning_module
+            from lightning_peft.datamodules.pruning import PrunerContext
+            from lightning_peft.objectives import TokenSelector
+
+            if hasattr(pruner, "bind"):
+                pruner.bind(PrunerContext.of(trainer, module))
+            if isinstance(pruner, TokenSelector):
+                module.token_selector = pruner
+            batch = pruner(batch, model=module)
         return batch
 
     # ------------------------------------------------------------------ dataset selection
@@ -464,22 +475,35 @@ class BaseDataModule(L.LightningDataModule):
         self.selected_indices = [int(i) for i in indices]
         self._data["train"] = [pool[i] for i in self.selected_indices]
 
+    def notify_train_epoch_end(self) -> None:
+        """Called by the module's ``on_train_epoch_end`` on every rank; passes the epoch end to the pruner."""
+        pruner = getattr(self, "pruner", None)
+        if pruner is not None and hasattr(pruner, "on_train_epoch_end") and self.trainer is not None:
+            pruner.on_train_epoch_end(self.trainer)
+
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
+        """Where the epoch stands (for a mid-epoch resume) and the pruner's state (``pruner``)."""
         trainer = self.trainer
-        if trainer is None:
-            return {}
-        state = {
-            "epoch": int(trainer.current_epoch),
-            "batches_done": int(trainer.fit_loop.epoch_loop.batch_progress.current.ready),
-            "world_size": int(trainer.world_size),
-        }
-        if self.selected_indices is not None:
-            state["selected_indices"] = list(self.selected_indices)
+        state: dict[str, Any] = {}
+        if trainer is not None:
+            state = {
+                "epoch": int(trainer.current_epoch),
+                "batches_done": int(trainer.fit_loop.epoch_loop.batch_progress.current.ready),
+                "world_size": int(trainer.world_size),
+            }
+            if self.selected_indices is not None:
+                state["selected_indices"] = list(self.selected_indices)
+        pruner = getattr(self, "pruner", None)
+        if pruner is not None and hasattr(pruner, "state_dict"):
+            state["pruner"] = pruner.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
+        pruner = getattr(self, "pruner", None)
+        if pruner is not None and hasattr(pruner, "load_state_dict") and "pruner" in state_dict:
+            pruner.load_state_dict(state_dict["pruner"])
+        if "batches_done" not in state_dict:
             return
         if state_dict.get("selected_indices") is not None and getattr(self, "selector", None) is not None:
             self._use_selection(list(state_dict["selected_indices"]))

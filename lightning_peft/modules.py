@@ -19,11 +19,10 @@ from lightning.pytorch.cli import instantiate_class
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from lightning_peft.backbones import load_backbone, unwrap_hf
+from lightning_peft.backbones import load_backbone
 from lightning_peft.heads.base import Head, HeadError, head_from_config
 from lightning_peft.heads.lora import LoRA
-from lightning_peft.objectives import ClassificationCrossEntropy, Objective, TokenCrossEntropy
-from lightning_peft.objectives.losses import IGNORE_INDEX
+from lightning_peft.objectives import IGNORE_INDEX, ClassificationCrossEntropy, LossOutput, Objective, TokenCrossEntropy
 
 DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}
 
@@ -86,6 +85,9 @@ class PeftModule(L.LightningModule):
         self.head = head
         self.tokenizer = tokenizer
         self.objective = objective or self.default_objective()
+        #: a :class:`~lightning_peft.objectives.TokenSelector` asked by token-level objectives for token
+        #: weights from the training forward's own losses (the DataModule registers its pruner here)
+        self.token_selector = None
         self.full_checkpoint = head.trains_backbone if full_checkpoint is None else full_checkpoint
         self.strict_loading = False  # adapter-only checkpoints hold a subset of the state
         self.optimizer_init: dict[str, Any] = dict(DEFAULT_OPTIMIZER)
@@ -114,41 +116,26 @@ class PeftModule(L.LightningModule):
         inputs.update(self.head.forward_inputs(batch))
         return self.head.forward(self.model, inputs)
 
-    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(loss, logits)``; with a segmented objective the logits never exist whole and ``None`` is
-        returned in their place (evaluation predictions go to ``self._segmented_preds``)."""
-        if self.task == "causal-lm" and getattr(self.objective, "segment_size", None) and not getattr(
-                self.head, "own_loss", False):
-            return self._segmented_loss(batch), None
-        out = self(batch)
-        logits = out.logits
+    def label_logits(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """The forward's logits aligned with the labels (objectives call this after ``self(batch)``)."""
         if self.task == "causal-lm" and logits.shape[1] > batch["labels"].shape[1]:
             logits = logits[:, -batch["labels"].shape[1]:]  # drop virtual-token positions (prompt tuning)
-        if getattr(self.head, "own_loss", False):
-            return out.loss, logits
-        return self.objective(logits, batch), logits
+        return logits
 
-    def _segmented_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Decoder body, then the objective's chunked LM head + loss (the full logits are never built)."""
-        hf = unwrap_hf(self.model)
-        peft_config = getattr(self.model, "active_peft_config", None)
-        if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-            raise HeadError(f"segment_size={self.objective.segment_size} cannot be used with {self.head!r}: its "
-                            "virtual tokens are added by the PEFT wrapper; use segment_size: null with this head.")
-        for attr in ("final_logit_softcapping", "logit_scale"):
-            if getattr(hf.config, attr, None):
-                raise HeadError(f"segment_size needs logits = lm_head(hidden), but this backbone applies {attr}; "
-                                "use segment_size: null.")
-        body = getattr(hf, hf.base_model_prefix)
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
-        hidden = body(**inputs).last_hidden_state
-        ce, preds = self.objective.segmented_token_losses(hidden, hf.get_output_embeddings(), batch["labels"],
-                                                          with_predictions=not torch.is_grad_enabled())
-        self._segmented_preds = preds
-        return self.objective.reduce(ce, batch)
+    def loss_output(self, batch: dict[str, Any]) -> LossOutput:
+        """The objective's ``LossOutput(loss, logs, predictions)`` for ``batch`` (it runs the forward it needs)."""
+        return self.objective.loss(self, batch)
+
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(loss, logits)``; ``None`` in place of the logits when the objective never builds them whole
+        (its predictions are token ids, e.g. the segmented loss)."""
+        out = self.loss_output(batch)
+        preds = out.predictions
+        return out.loss, (preds if preds is not None and preds.is_floating_point() else None)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, _ = self.compute_loss(batch)
+        out = self.loss_output(batch)
+        loss = out.loss
         reg = self.head.regularization_loss(self.model)
         total = loss if reg is None else loss + reg
         bs = batch["input_ids"].shape[0]
@@ -157,6 +144,8 @@ class PeftModule(L.LightningModule):
             self.log("train/reg_loss", reg, batch_size=bs)
         for name, value in (batch.get("pruning_stats") or {}).items():  # set by data pruners
             self.log(f"pruning/{name}", float(value), batch_size=bs)
+        for name, value in out.logs.items():  # the objective's own scalars (token selection stats, ...)
+            self.log(name, value, batch_size=bs)
         return total
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -176,6 +165,13 @@ class PeftModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
+
+    def on_train_epoch_end(self) -> None:
+        """Tell the DataModule (and so its pruner) that a training epoch ended; runs on every rank."""
+        trainer = self.trainer
+        hook = getattr(trainer.datamodule, "notify_train_epoch_end", None) if trainer is not None else None
+        if hook is not None:
+            hook()
 
     # ----------------------------------------------------------------- optimizer
     def set_optimizer(self, optimizer: dict[str, Any] | str = "torch.optim.AdamW",
@@ -278,9 +274,11 @@ class CausalLM(PeftModule):
         })
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
-        loss, logits = self.compute_loss(batch)
+        out = self.loss_output(batch)
+        loss, preds = out.loss, out.predictions
         labels = batch["labels"][:, 1:]
-        preds = logits[:, :-1].argmax(-1) if logits is not None else self._segmented_preds
+        if preds.is_floating_point():  # logits; an objective may instead return next-token ids [B, N-1]
+            preds = preds[:, :-1].argmax(-1)
         valid = labels != IGNORE_INDEX
         n_tokens = valid.sum()
         correct = (preds == labels) & valid
@@ -363,7 +361,8 @@ class SequenceClassifier(PeftModule):
         })
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
-        loss, logits = self.compute_loss(batch)
+        out = self.loss_output(batch)
+        loss, logits = out.loss, out.predictions
         m = self.eval_metrics[stage]
         m["loss"].update(loss.detach(), weight=batch["labels"].numel())
         m["acc"].update(logits, batch["labels"])

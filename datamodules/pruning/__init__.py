@@ -7,8 +7,17 @@ batches are never pruned. Each pruner has its own file:
 * :class:`~.qtuning.QTuning` — joint sample + token pruning on the Error-Uncertainty plane
   (costs one extra no-grad forward; the training forward then runs on the kept rows only);
 * :class:`~.sstoken.SSToken` — per-sample token selection by retrospective excess loss and
-  last-layer attention to the prompt (reuses the training forward's per-token losses through the
-  objective's ``token_selector`` hook; no second forward with gradients).
+  last-layer attention to the prompt (a :class:`~lightning_peft.objectives.TokenSelector`: the objective
+  asks it for token weights with the training forward's own per-token losses; no second forward with
+  gradients).
+
+**What a pruner is given (the documented hook).** Before each training batch the DataModule calls
+``pruner.bind(PrunerContext(...))`` with the module, the trainer's precision (its name and the
+precision plugin's ``forward_context``) and the current optimizer step and epoch length, then
+``pruner(batch, model=module)``. A pruner that is a ``TokenSelector`` is registered as
+``module.token_selector``. At each training epoch end (on every rank) the DataModule calls
+``pruner.on_train_epoch_end(trainer)``; the DataModule's ``state_dict`` keeps ``pruner.state_dict()``
+and restores it on resume. A pruner never reaches into the trainer or the module's private state.
 
 A pruner may put plain numbers under ``batch["pruning_stats"]``; the module logs them as
 ``pruning/<name>`` every training step. :mod:`.scoring` computes a model's per-token losses and
@@ -23,9 +32,51 @@ token needs nothing, because pruners find padding through ``attention_mask``, ne
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 PRUNING_STATS_KEY = "pruning_stats"
+
+
+@dataclass
+class PrunerContext:
+    """What the DataModule tells a pruner before each training batch (see the package docstring).
+
+    Attributes:
+        module: the LightningModule being trained.
+        precision: the trainer's precision name (``"32-true"``, ``"bf16-mixed"``, ...).
+        forward_context: a zero-argument callable returning the training forward's autocast context
+            (the trainer's ``precision_plugin.forward_context``); the DataModule hook runs outside it.
+        global_step: optimizer steps taken so far (``trainer.global_step``; equal on resume).
+        epoch: the current training epoch (``trainer.current_epoch``).
+        num_training_batches: batches per training epoch (``inf`` when unknown).
+        accumulate_grad_batches: micro-batches per optimizer step.
+    """
+
+    module: Any = None
+    precision: str | None = None
+    forward_context: Callable[[], contextlib.AbstractContextManager] | None = None
+    global_step: int = 0
+    epoch: int = 0
+    num_training_batches: float = math.inf
+    accumulate_grad_batches: int = 1
+
+    @classmethod
+    def of(cls, trainer: Any, module: Any) -> PrunerContext:
+        """The context of the current training batch, from the trainer's public attributes."""
+        plugin = getattr(trainer, "precision_plugin", None)
+        return cls(
+            module=module,
+            precision=getattr(trainer, "precision", None),
+            forward_context=plugin.forward_context if plugin is not None else None,
+            global_step=int(getattr(trainer, "global_step", 0)),
+            epoch=int(getattr(trainer, "current_epoch", 0)),
+            num_training_batches=getattr(trainer, "num_training_batches", math.inf),
+            accumulate_grad_batches=int(getattr(trainer, "accumulate_grad_batches", 1)),
+        )
 
 
 def check_ratio(name: str, value: float) -> None:
@@ -52,8 +103,25 @@ class BatchPruner:
     batch; a pruner that draws random numbers must draw them from a seed shared by all ranks.
     """
 
+    #: the context of the current training batch (None until the DataModule binds one)
+    context: PrunerContext | None = None
+
+    def bind(self, context: PrunerContext) -> None:
+        """Receive the current training batch's context (called by the DataModule before ``__call__``)."""
+        self.context = context
+
     def __call__(self, batch: dict[str, Any], model: Any = None) -> dict[str, Any]:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__(batch, model=None).")
+
+    def on_train_epoch_end(self, trainer: Any) -> None:
+        """Called by the DataModule at each training epoch end, on every rank (collectives are safe)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State kept in checkpoints by the DataModule (plain values and tensors)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -62,4 +130,4 @@ class BatchPruner:
 from .qtuning import QTuning  # noqa: E402
 from .sstoken import SSToken  # noqa: E402
 
-__all__ = ["BatchPruner", "QTuning", "SSToken", "check_ratio"]
+__all__ = ["BatchPruner", "PrunerContext", "QTuning", "SSToken", "check_ratio"]

@@ -51,12 +51,14 @@ Departures from the paper / official code (all flagged):
 * Selection is per micro-batch and per DDP rank (as in the official code); no all-gather.
 
 The pruner reads ``attention_mask`` and ``labels`` only, never the pad id, so tokenizers without a
-pad token work (the collators pad with EOS then). It has no state across steps (each decision
-depends only on the current model and batch), so resume continues exactly; its ``state_dict`` is
-empty. Logged every step (through the module): ``pruning/kept_samples``, ``pruning/kept_tokens``,
+pad token work (the collators pad with EOS then). Its decisions keep no state across steps (each
+depends only on the current model and batch), so resume continues exactly; its ``state_dict`` holds
+only the EU-plane points recorded so far in the epoch, so a resumed run's plot shows the whole epoch.
+Logged every step (through the module): ``pruning/kept_samples``, ``pruning/kept_tokens``,
 ``pruning/kept_token_fraction``, ``pruning/q1`` … ``pruning/q4``, ``pruning/alpha``; at each epoch end
 an EU-plane scatter plot goes to the logger (TensorBoard ``add_figure`` / W&B ``log_image``) and to
-``<log_dir>/eu_plane/epoch_<n>.png``.
+``<log_dir>/eu_plane/epoch_<n>.png``, drawn from the pruner's ``on_train_epoch_end`` hook, which the
+DataModule calls on every rank (no callback to add).
 """
 
 from __future__ import annotations
@@ -67,12 +69,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback
+
+from lightning_peft.objectives import IGNORE_INDEX
 
 from . import PRUNING_STATS_KEY, BatchPruner, check_ratio
 from .scoring import check_precision, reference_logits, score_tokens, token_stats
-
-IGNORE_INDEX = -100
 
 
 # ---------------------------------------------------------------------------------------- pure scoring
@@ -313,18 +314,23 @@ class QTuning(BatchPruner):
         self.scoring_precision = check_precision(scoring_precision)
         self._points: list[tuple[float, float, int]] = []
         self._thresholds: tuple[float, float, float, float] | None = None
-        self._callback_added = False
+        self._points_epoch = 0  # the training epoch the recorded points belong to
 
     def __repr__(self) -> str:
         return (f"QTuning(sample_ratio={self.sample_ratio}, token_ratio={self.token_ratio}, lam={self.lam}, "
                 f"entropy_positions={self.entropy_positions!r}, budget_positions={self.budget_positions!r})")
 
-    # ---------------------------------------------------------------- state (none across steps)
+    # ---------------------------------------------------------------- state (the epoch's plot points)
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        """The EU-plane points recorded so far in the epoch (plain lists; decisions keep no state)."""
+        return {"epoch": self._points_epoch, "points": [list(p) for p in self._points],
+                "thresholds": None if self._thresholds is None else list(self._thresholds)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        self._points_epoch = int(state.get("epoch", 0))
+        self._points = [(float(p), float(e), int(q)) for p, e, q in state.get("points", [])]
+        th = state.get("thresholds")
+        self._thresholds = None if th is None else tuple(float(v) for v in th)
 
     # ---------------------------------------------------------------- scoring pass
     @staticmethod
@@ -360,7 +366,7 @@ class QTuning(BatchPruner):
     def score(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Label-aligned per-token ``(loss, entropy)`` of the current model at the needed positions."""
         return score_tokens(model, batch, self.masks(batch)[2], fast=self.fast_scoring,
-                            precision=self.scoring_precision)
+                            precision=self.scoring_precision, context=self.context)
 
     def __call__(self, batch: dict[str, Any], model: Any = None) -> dict[str, Any]:
         if model is None:
@@ -387,13 +393,16 @@ class QTuning(BatchPruner):
             "alpha": float(plan["alpha"]),
         }
         out[PRUNING_STATS_KEY] = stats
-        self._record(plan, model)
+        self._record(plan)
         return out
 
     # ---------------------------------------------------------------- EU-plane plot
-    def _record(self, plan: dict[str, Any], model: Any) -> None:
+    def _record(self, plan: dict[str, Any]) -> None:
         if not self.plot_every_epoch:
             return
+        epoch = self.context.epoch if self.context is not None else 0
+        if epoch != self._points_epoch:  # points restored from (or left by) another epoch
+            self._points, self._points_epoch = [], epoch
         quad = torch.full_like(plan["keep"], 0, dtype=torch.long)
         for i, name in enumerate(("q1", "q2", "q3", "q4"), start=1):
             quad[plan[name]] = i
@@ -402,10 +411,6 @@ class QTuning(BatchPruner):
         for p, e, q in zip(plan["ppl"].tolist(), plan["ent"].tolist(), quad.tolist()):
             self._points.append((p, e, q))
         self._thresholds = plan["thresholds"]
-        trainer = getattr(model, "_trainer", None)
-        if trainer is not None and not self._callback_added:
-            trainer.callbacks.append(_EUPlaneCallback(self))
-            self._callback_added = True
 
     def plot(self, path: str | None = None, title: str = "EU plane"):
         """A matplotlib figure of the recorded (ppl, entropy) points coloured by quadrant; saved to ``path``."""
@@ -436,7 +441,8 @@ class QTuning(BatchPruner):
             fig.savefig(path)
         return fig
 
-    def _epoch_end(self, trainer: Any) -> None:
+    def on_train_epoch_end(self, trainer: Any) -> None:
+        """Draw the epoch's EU-plane plot (called by the DataModule on every rank; rank 0 draws)."""
         if not self._points:
             return
         epoch = int(trainer.current_epoch)
@@ -457,16 +463,6 @@ class QTuning(BatchPruner):
                     rank_zero_warn(f"QTuning could not send the EU-plane plot to {type(logger).__name__}: {err}")
             plt.close(fig)
         self._points = []
-
-
-class _EUPlaneCallback(Callback):
-    """Added to ``trainer.callbacks`` on the first pruned batch; draws the plot at each epoch end."""
-
-    def __init__(self, pruner: QTuning) -> None:
-        self.pruner = pruner
-
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self.pruner._epoch_end(trainer)
 
 
 __all__ = ["QTuning", "apply_plan", "bisect_quadrants", "eu_coordinates", "fill_up", "plan_pruning",

@@ -23,8 +23,9 @@ forward inputs) takes the reference route.
 
 **Precision.** A pruner runs in the DataModule's ``on_after_batch_transfer``, which Lightning does not
 wrap in the precision plugin's autocast, so :func:`precision_context` supplies it: by default the
-scoring pass runs in the same precision as the training forward (``trainer.precision_plugin``'s
-``forward_context()``: bf16 autocast under ``precision="bf16-mixed"``, plain fp32 under ``"32"``).
+scoring pass runs in the same precision as the training forward (the precision plugin's
+``forward_context()``, handed to the pruner in its ``PrunerContext``: bf16 autocast under
+``precision="bf16-mixed"``, plain fp32 under ``"32"``).
 ``precision="bf16-mixed"`` (or ``"16-mixed"``) asks for a cheaper low-precision scoring pass while the
 training step stays in fp32: the per-token statistics move by bf16 rounding (about 1e-2 relative),
 which can change a selection whose score sits at a threshold. Statistics are always reduced in fp32.
@@ -39,8 +40,8 @@ import torch
 from torch import nn
 
 from lightning_peft.architectures import ARCHITECTURES, UnsupportedArchitecture, base_model, lm_head
+from lightning_peft.objectives import per_token_cross_entropy
 
-IGNORE_INDEX = -100
 #: backbones whose causal-LM forward is ``lm_head(body(x).last_hidden_state)`` with nothing after it: the
 #: causal decoders of the architecture table whose logits are not soft-capped (all but Gemma-2)
 FAST_NEEDS = ("causal", "plain_logits")
@@ -51,12 +52,7 @@ CHUNK_ELEMENTS = 1 << 24
 
 def _row_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, V) logits, (N,) targets -> per-row CE (0 where the target is -100) and entropy, fp32."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    tgt = targets.clamp(min=0).unsqueeze(1)
-    ce = -lp.gather(1, tgt).squeeze(1)
-    ce = torch.where(targets == IGNORE_INDEX, torch.zeros_like(ce), ce)
-    ent = -(lp.exp() * lp).sum(-1)
-    return ce, ent
+    return per_token_cross_entropy(logits.float(), targets, with_entropy=True)
 
 
 def _chunked(rows: torch.Tensor, targets: torch.Tensor, head, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +167,8 @@ def _merged_weights(root: nn.Module, layers: list[nn.Module]) -> dict[str, torch
     return out
 
 
-def _fast_stats(parts, batch: dict[str, Any], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _fast_stats(module: Any, parts, batch: dict[str, Any], positions: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     from torch.func import functional_call
 
     body, lm_head, layers = parts
@@ -187,17 +184,14 @@ def _fast_stats(parts, batch: dict[str, Any], positions: torch.Tensor) -> tuple[
     inputs = {"input_ids": batch["input_ids"][:, :width], "use_cache": False}
     if batch.get("attention_mask") is not None:
         inputs["attention_mask"] = batch["attention_mask"][:, :width]
-    for layer in layers:  # the merged weights below replace the adapter path for this pass
-        layer._disable_adapters = True  # (enable_adapters(False) would also flip requires_grad)
-    try:
+    # the merged weights below replace the adapter path for this pass (Head.disabled changes no requires_grad)
+    disabled = module.head.disabled(module.model) if layers else contextlib.nullcontext()
+    with disabled:
         hidden = functional_call(body, _merged_weights(body, layers), args=(), kwargs=inputs).last_hidden_state
         head_weights = _merged_weights(lm_head, layers)
         head_fn = (lambda h: functional_call(lm_head, head_weights, (h,))) if head_weights else lm_head
         vocab = int(getattr(lm_head, "out_features", 0) or lm_head.weight.shape[0])
         ce, h = _chunked(hidden[need[:, :width]], labels[:, 1 : width + 1][need[:, :width]], head_fn, vocab)
-    finally:
-        for layer in layers:
-            layer._disable_adapters = False
     loss[:, 1 : width + 1][need[:, :width]] = ce
     ent[:, 1 : width + 1][need[:, :width]] = h
     return loss, ent
@@ -216,18 +210,20 @@ def check_precision(precision: str | None) -> str | None:
     return value
 
 
-def precision_context(module: Any, precision: str | None = None) -> contextlib.AbstractContextManager:
+def precision_context(module: Any, precision: str | None = None, context: Any = None
+                      ) -> contextlib.AbstractContextManager:
     """The autocast context of a scoring pass over ``module`` (see the module docstring, *Precision*).
 
-    ``None``: the attached trainer's ``precision_plugin.forward_context()`` (no trainer: nothing);
+    ``None``: the training forward's context, ``context.forward_context()`` of the pruner's
+    :class:`~lightning_peft.datamodules.pruning.PrunerContext` (the trainer's precision plugin; no
+    context: nothing);
     ``"32"``/``"32-true"``: autocast off; ``"bf16-mixed"`` / ``"16-mixed"``: autocast to bf16 / fp16 on
     the module's device type.
     """
     precision = check_precision(precision)
     if precision is None:
-        trainer = getattr(module, "_trainer", None)
-        plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
-        return plugin.forward_context() if plugin is not None else contextlib.nullcontext()
+        forward_context = getattr(context, "forward_context", None)
+        return forward_context() if forward_context is not None else contextlib.nullcontext()
     param = next(iter(module.parameters()), None)
     device_type = param.device.type if param is not None else "cpu"
     if precision in ("32", "32-true"):
@@ -252,22 +248,23 @@ def reference_logits(module: Any, batch: dict[str, Any]) -> torch.Tensor:
 
 @torch.no_grad()
 def score_tokens(
-    module: Any, batch: dict[str, Any], positions: torch.Tensor, fast: bool = True, precision: str | None = None
+    module: Any, batch: dict[str, Any], positions: torch.Tensor, fast: bool = True, precision: str | None = None,
+    context: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Label-aligned per-token ``(loss, entropy)`` of ``module`` (a ``CausalLM``) at ``positions``, fp32.
 
     No graph is built and dropout is off (eval mode, restored afterwards). ``fast=False`` or a model the
-    fast route does not know takes the reference route; ``precision`` as in :func:`precision_context`
-    (see the module docstring).
+    fast route does not know takes the reference route; ``precision`` and ``context`` (the pruner's
+    ``PrunerContext``) as in :func:`precision_context` (see the module docstring).
     """
-    with precision_context(module, precision):
+    with precision_context(module, precision, context):
         parts = fast_parts(module, batch) if fast else None
         if parts is None:
             return token_stats(reference_logits(module, batch), batch["labels"], positions)
         was_training = module.training
         module.eval()
         try:
-            return _fast_stats(parts, batch, positions)
+            return _fast_stats(module, parts, batch, positions)
         finally:
             module.train(was_training)
 

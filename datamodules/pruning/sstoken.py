@@ -15,19 +15,21 @@ Per training micro-batch, every response token ``j`` of sample ``b`` gets
   selected; the loss is ``TokenCrossEntropy``'s per-token mean over the kept tokens.
 
 **Hand-off (no second forward with gradients).** ``__call__`` (in the DataModule's
-``on_after_batch_transfer``) computes the history losses and arms a forward-pre-hook on the last
-decoder layer, then puts a callable under ``batch["token_selector"]``. The training forward runs
-once, with its usual (SDPA / flash) attention; the hook keeps that layer's input hidden states and
-rotary embeddings. ``TokenCrossEntropy`` then calls the selector with the forward's own per-token
-losses (detached); the selector recomputes only the last layer's attention probabilities under
+``on_after_batch_transfer``) computes the history losses, keeps them (and ``gamma_t``) as the pending
+selection for this batch and arms a forward-pre-hook on the last decoder layer; the batch carries
+plain tensors only. The training forward runs once, with its usual (SDPA / flash) attention; the hook
+keeps that layer's input hidden states and rotary embeddings. SSToken is a
+:class:`~lightning_peft.objectives.TokenSelector` (the DataModule registers it as
+``module.token_selector``): ``TokenCrossEntropy`` calls :meth:`SSToken.select_tokens` with the forward's
+own per-token losses (detached); it recomputes only the last layer's attention probabilities under
 ``no_grad`` (layer norm, q/k projections, RoPE, causal + padding mask, softmax; K expanded for GQA)
-and returns the ``token_weights`` before the loss is reduced.
+and returns the token weights (and the ``pruning/*`` statistics) before the loss is reduced.
 
 **Passes this pruner costs**, per step, besides the usual training forward + backward (full batch,
 no rows dropped):
 
 * history ``"adapter"`` (default with a PEFT head): one no-grad, eval-mode forward of the base model,
-  i.e. the same backbone with the adapter switched off (peft ``disable_adapter()``), no extra memory;
+  i.e. the same backbone with the adapter switched off (``Head.disabled``), no extra memory;
 * history ``"copy"`` (default with full fine-tuning): one no-grad forward of a frozen copy of the
   base model, rebuilt from the module's backbone spec (exact on resume, costs one model's memory);
 * history ``"cache"`` (``history_cache=path``): no extra forward; per-token history losses written once
@@ -44,9 +46,9 @@ misalign; use ``"cache"`` when a second copy of the weights does not fit.
 Departures from the official code (flagged): the cache is keyed by a hash of the sample's token ids
 rather than the dataset index (our batches carry no index, and the hash also catches re-tokenisation);
 the attention-only warm-up is ``rel_warmup_fraction`` of the first epoch's optimizer steps (the spec's
-proposal) rather than "dataset index < 10000"; it is read from ``trainer.global_step``, so a resumed run
-uses the same ``gamma_t`` as an uninterrupted one. The pruner keeps no other state (``state_dict`` is
-empty); ties are broken by position (stable sort), so selection is deterministic.
+proposal) rather than "dataset index < 10000"; it is read from the ``global_step`` of the pruner's
+``PrunerContext``, so a resumed run uses the same ``gamma_t`` as an uninterrupted one. The pruner keeps
+no other state (``state_dict`` is empty); ties are broken by position (stable sort), so selection is deterministic.
 
 The attention recompute reads the family's recipe from :mod:`lightning_peft.architectures` (block list,
 pre-attention norm, q/k projections or fused qkv, q/k norms, rotary embeddings, scaling, sliding window)
@@ -64,23 +66,19 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from . import PRUNING_STATS_KEY, BatchPruner, check_ratio
+from lightning_peft.objectives import IGNORE_INDEX, TokenSelector, next_token_cross_entropy
+
+from . import BatchPruner, PrunerContext, check_ratio
 from .scoring import precision_context
 
-IGNORE_INDEX = -100
 HISTORY_MODES = ("auto", "adapter", "copy", "cache")
 
 
 # ---------------------------------------------------------------------------------------- pure parts
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token CE aligned with labels (index ``t`` = loss of token ``t``; 0 on -100 and column 0), fp32."""
-    z = logits[:, :-1].float()
-    tgt = labels[:, 1:]
-    ce = F.cross_entropy(z.reshape(-1, z.size(-1)), tgt.reshape(-1), ignore_index=IGNORE_INDEX,
-                         reduction="none").view_as(tgt)
-    return torch.cat([torch.zeros_like(ce[:, :1]), ce], 1)
+    return next_token_cross_entropy(logits, labels, label_aligned=True)
 
 
 def attention_to_prompt(attn: torch.Tensor, prompt_cols: torch.Tensor) -> torch.Tensor:
@@ -175,7 +173,7 @@ def sample_key(ids: torch.Tensor) -> str:
 
 
 # ---------------------------------------------------------------------------------------- the pruner
-class SSToken(BatchPruner):
+class SSToken(BatchPruner, TokenSelector):
     """ssToken token selector (see the module docstring).
 
     Args:
@@ -214,29 +212,26 @@ class SSToken(BatchPruner):
         self._hooked: Any = None
         self._armed = False
         self._captured: tuple[torch.Tensor, Any] | None = None
+        self._pending: tuple[torch.Tensor | None, float] | None = None  # (history, gamma_t) of the batch
 
     def __repr__(self) -> str:
         return f"SSToken(gamma={self.gamma}, rho={self.rho}, history={self.history!r})"
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
     # ---------------------------------------------------------------- warm-up
-    def gamma_at(self, model: Any) -> float:
-        """gamma_t: 0 during the attention-only warm-up (first epoch's first optimizer steps), else gamma."""
-        trainer = getattr(model, "_trainer", None)
-        if trainer is None:
+    def gamma_at(self, context: PrunerContext | None = None) -> float:
+        """gamma_t: 0 during the attention-only warm-up (first epoch's first optimizer steps), else gamma.
+
+        Read from ``context`` (default: the bound :class:`PrunerContext`); without one, ``gamma``."""
+        context = context if context is not None else self.context
+        if context is None:
             return self.gamma
         steps = self.rel_warmup_steps
         if steps is None:
-            n = trainer.num_training_batches
+            n = context.num_training_batches
             if not math.isfinite(n) or self.rel_warmup_fraction == 0:
                 return self.gamma
-            steps = math.ceil(self.rel_warmup_fraction * n / max(1, trainer.accumulate_grad_batches))
-        return 0.0 if int(trainer.global_step) < steps else self.gamma
+            steps = math.ceil(self.rel_warmup_fraction * n / max(1, context.accumulate_grad_batches))
+        return 0.0 if int(context.global_step) < steps else self.gamma
 
     # ---------------------------------------------------------------- history losses
     def _mode(self, model: Any) -> str:
@@ -256,21 +251,21 @@ class SSToken(BatchPruner):
         if mode == "cache":
             return self._from_cache(batch)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
-        with precision_context(model):  # the training forward's precision (the hook runs outside autocast)
+        # the training forward's precision (the DataModule hook runs outside Lightning's autocast)
+        with precision_context(model, None, self.context):
             logits = self._history_logits(model, batch, inputs, mode)
         logits = logits[:, -labels.shape[1]:]
         return token_losses(logits, labels)
 
     def _history_logits(self, model: Any, batch: dict[str, Any], inputs: dict[str, Any], mode: str) -> torch.Tensor:
         if mode == "adapter":
-            peft_model = model.model
-            if not hasattr(peft_model, "disable_adapter"):
+            if getattr(model.head, "trains_backbone", False) or not hasattr(model.model, "disable_adapter"):
                 raise ValueError("history='adapter' needs a peft model (a PEFT head such as LoRA); use "
                                  "history='copy' or 'cache' with full fine-tuning.")
             was = model.training
             model.eval()
             try:
-                with peft_model.disable_adapter():
+                with model.head.disabled(model.model):
                     logits = model(batch).logits
             finally:
                 model.train(was)
@@ -361,22 +356,25 @@ class SSToken(BatchPruner):
             rank_zero_warn("SSToken got a training batch with no response tokens (all labels -100); it is passed "
                            "through unselected. Check the prompt masking / max_length.")
             return batch
-        gamma_t = self.gamma_at(model)
+        gamma_t = self.gamma_at()
         history = self.history_losses(model, batch) if gamma_t > 0 else None
         self._install_hook(model)
         self._armed, self._captured = True, None
-        out = dict(batch)
-        out["token_selector"] = lambda token_loss, b: self.select(token_loss, b, history, gamma_t)
-        return out
+        self._pending = (history, gamma_t)
+        return dict(batch)
 
     @torch.no_grad()
-    def select(self, token_loss: torch.Tensor, batch: dict[str, Any], history: torch.Tensor | None,
-               gamma_t: float) -> torch.Tensor:
-        """Called by the objective after the training forward: per-token losses -> ``token_weights``."""
+    def select_tokens(self, token_loss: torch.Tensor, batch: dict[str, Any]
+                      ) -> tuple[torch.Tensor, dict[str, float]] | None:
+        """Called by the objective after the training forward: per-token losses (label-aligned, detached)
+        -> ``(token_weights, stats)``; None when no batch of this pruner is pending (e.g. validation)."""
+        if self._pending is None:
+            return None
+        (history, gamma_t), self._pending = self._pending, None
         self._armed = False
         if self._captured is None:
-            raise RuntimeError("SSToken's attention hook saw no forward; the selector must be called by the "
-                               "objective right after the training forward of the same batch.")
+            raise RuntimeError("SSToken's attention hook saw no forward; the objective must ask for the selection "
+                               "right after the training forward of the same batch.")
         hidden, pos = self._captured
         self._captured = None
         labels = batch["labels"]
@@ -391,14 +389,14 @@ class SSToken(BatchPruner):
         old = batch.get("token_weights")
         if old is not None:
             weights = weights * old.to(weights.dtype)
-        batch[PRUNING_STATS_KEY] = {
+        stats = {
             "kept_tokens": float(keep.sum()),
             "kept_token_fraction": float(keep.sum()) / max(1, int(response.sum())),
             "gamma_t": float(gamma_t),
             "rel_mean": float((rel * response).sum() / response.sum().clamp(min=1)),
             "attn_to_prompt_mean": float((attn_score * response).sum() / response.sum().clamp(min=1)),
         }
-        return weights
+        return weights, stats
 
 
 __all__ = ["ATTENTION_NEEDS", "SSToken", "attention_to_prompt", "check_family", "decoder_layers",

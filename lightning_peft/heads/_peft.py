@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -42,6 +43,18 @@ class PeftBackedHead(Head):
             return get_peft_model(model, config)
         except ValueError as err:
             raise HeadError(f"{self!r} cannot attach to {type(model).__name__}: {err}") from err
+
+    def disabled(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """The base model within the block: prompt-learning methods through peft's public
+        ``disable_adapter()`` (it swaps the forward, no ``requires_grad`` change); methods with tuner layers
+        through :func:`lightning_peft.compat.peft_adapter_layers_bypassed` (peft's public switch would flip
+        ``requires_grad`` of the adapter weights)."""
+        config = getattr(model, "active_peft_config", None)
+        if config is not None and getattr(config, "is_prompt_learning", False):
+            return model.disable_adapter()
+        from lightning_peft.compat import peft_adapter_layers_bypassed
+
+        return peft_adapter_layers_bypassed(model)
 
     def merge(self, model: nn.Module) -> nn.Module:
         if not self.mergeable:

@@ -16,6 +16,7 @@ Adding a method is a checklist:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -109,6 +110,15 @@ class Head:
         tokens, a prefix cache) overrides this, and every caller (module, export check, tests) goes
         through it."""
         return model(**inputs)
+
+    def disabled(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """A context in which ``model`` (as returned by :meth:`attach`) computes the backbone's function,
+        with this head switched off (a reference forward, e.g. DPO's reference model or ssToken's history).
+
+        It changes no ``requires_grad`` flag and no parameter, so it is safe under DDP and inside a step.
+        """
+        raise HeadError(f"{type(self).__name__} cannot be switched off to run the base model; use a head that "
+                        "keeps the backbone frozen (e.g. LoRA), or keep a frozen copy of the base model.")
 
     # ----------------------------------------------------------------- training hooks
     def on_fit_start(self, model: nn.Module, total_steps: int) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 
-from lightning_peft.heads.base import Head
+from lightning_peft.heads.base import Head, HeadError
 
 
 class FullFineTune(Head):
@@ -34,6 +36,10 @@ class FullFineTune(Head):
         if self.freeze_embeddings:
             total -= model.get_input_embeddings().weight.numel()
         return total
+
+    def disabled(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        raise HeadError("FullFineTune trains the backbone's own weights, so there is no head to switch off; keep a "
+                        "frozen copy of the base model for a reference forward (e.g. SSToken history='copy').")
 
     def merge(self, model: nn.Module) -> nn.Module:
         return model  # nothing to fold: the weights are the model
