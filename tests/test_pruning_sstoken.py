@@ -15,7 +15,6 @@ from lightning_peft.architectures import attention_parts
 from lightning_peft.datamodules.pruning import PrunerContext, SSToken
 from lightning_peft.datamodules.pruning.sstoken import (
     attention_to_prompt,
-    decoder_layers,
     last_layer_attention,
     select_tokens,
     token_losses,
