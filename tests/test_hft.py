@@ -428,13 +428,18 @@ def test_bad_arguments_are_one_clear_sentence(kwargs, match):
         HalfFineTuning(**kwargs)
 
 
-def test_unknown_architecture_names_its_modules_and_groups_fix_it():
-    with pytest.raises(HFTError, match=r"does not know the architecture _Toy.*'mix', 'ff', 'ln'.*groups"):
+def test_unknown_architecture_is_one_sentence_and_blocks_with_groups_fix_it():
+    with pytest.raises(HFTError, match=r"model_type None \(_Toy\) is not in the architecture table.*`blocks`.*`groups`"):
         HalfFineTuning().apply(_Toy())
     with pytest.raises(HFTError, match=r"regex 'attn' matches 0 modules.*\['mix', 'ff', 'ln'\]"):
-        HalfFineTuning(groups={"attention": ["attn"]}).apply(_Toy())
+        HalfFineTuning(blocks="blocks", groups={"attention": ["attn"]}).apply(_Toy())
+    with pytest.raises(HFTError, match=r"blocks='emb' is not a non-empty nn.ModuleList"):
+        HalfFineTuning(blocks="emb", groups={"attention": ["mix"]}).apply(_Toy())
+    with pytest.raises(HFTError, match=r"blocks='blocks' needs `groups`.*\['mix', 'ff', 'ln'\]"):
+        HalfFineTuning(blocks="blocks").apply(_Toy())
     toy = _Toy()
-    names = set(HalfFineTuning(seed=0, groups={"mixer": ["mix"], "ffn": ["ff"], "norm": ["ln"]}).apply(toy))
+    groups = {"mixer": ["mix"], "ffn": ["ff"], "norm": ["ln"]}
+    names = set(HalfFineTuning(seed=0, blocks="blocks", groups=groups).apply(toy))
     for module in ("mix", "ff", "ln"):  # one tensor per block: half of the blocks train it
         on = [f"blocks.{i}.{module}.weight" in names for i in range(4)]
         assert sum(on) == 2
@@ -442,7 +447,9 @@ def test_unknown_architecture_names_its_modules_and_groups_fix_it():
     assert {"emb.weight", "out.weight", "out.bias"} <= names
 
 
-def test_setup_refuses_frozen_backbone_heads_ddp_without_unused_and_adapter_checkpoints():
+def test_setup_refuses_frozen_backbone_heads_ddp_without_unused_and_adapter_checkpoints(tmp_path):
+    from helpers import fit_under_one_process_ddp
+
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
     lora = CausalLM(backbone="tiny-llama", head=LoRA(r=2, target_modules=["q_proj"]))
     with pytest.raises(HFTError, match=r"freezes the backbone.*FullFineTune"):
@@ -450,9 +457,10 @@ def test_setup_refuses_frozen_backbone_heads_ddp_without_unused_and_adapter_chec
     adapter_only = CausalLM(backbone="tiny-llama", head=FullFineTune(), full_checkpoint=False)
     with pytest.raises(HFTError, match="full_checkpoint"):
         HalfFineTuning().setup(trainer, adapter_only, "fit")
-    ddp = L.Trainer(accelerator="cpu", devices=1, strategy="ddp", logger=False)
+    # DDP without find_unused_parameters: refused once the strategy has wrapped the model (the guard reads
+    # the wrapped DistributedDataParallel's public find_unused_parameters)
     with pytest.raises(HFTError, match="ddp_find_unused_parameters_true"):
-        HalfFineTuning().setup(ddp, llama(), "fit")
+        fit_under_one_process_ddp(tmp_path, _module(), HalfFineTuning(plot=False), _data())
     with pytest.raises(HFTError, match="not train"):  # a saved mask that does not fit the model
         hft = HalfFineTuning()
         hft.load_state_dict({"seed": 0, "round": 0, "trainable": ["nope.weight"]})
