@@ -376,7 +376,7 @@ def test_ddp_two_cpu_ranks_identical_with_round_change(tmp_path):
     extra.write_text(
         "trainer:\n  callbacks:\n"
         "    - class_path: lightning_peft.callbacks.HalfFineTuning\n"
-        "      init_args: {seed: 4, round_every: step, every_n: 3, plot: false}\n"
+        "      init_args: {seed: 4, round_every: step, every_n: 3}\n"  # pictures on (default)
         f"    - class_path: test_hft.RoundSnapshots\n      init_args: {{out_dir: {dump}}}\n"
         f"    - class_path: helpers.DumpTrainable\n      init_args: {{out_dir: {dump}}}\n"
     )
@@ -385,7 +385,7 @@ def test_ddp_two_cpu_ranks_identical_with_round_change(tmp_path):
            "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_steps", "7",
            "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-           "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
+           "--trainer.default_root_dir", str(tmp_path / "run"),  # the CLI's default logger
            "--data.init_args.num_train", "256", "--data.init_args.batch_size", "8"]
     r0, r1 = run_cli_ranks(args, tmp_path, dump)
     assert r0["step"] == r1["step"] == 7
@@ -398,6 +398,9 @@ def test_ddp_two_cpu_ranks_identical_with_round_change(tmp_path):
     assert [r["trainable"] for r in rec0["records"]] == [r["trainable"] for r in rec1["records"]]
     masks = [r["trainable"] for r in rec0["records"]]
     assert masks[0] == masks[2] != masks[3] == masks[5] != masks[6]  # rounds at steps 0, 3, 6
+    pictures = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "run" / "**" / "hft_round*.png"),
+                                                              recursive=True))
+    assert pictures == ["hft_round0.png", "hft_round1.png", "hft_round2.png"]  # drawn by rank 0, no hang
     for recs in (rec0["records"], rec1["records"]):
         for cur, nxt in zip(recs, recs[1:]):  # one optimizer step apart
             moved = [n for n in cur["params"] if not torch.equal(cur["params"][n], nxt["params"][n])]
