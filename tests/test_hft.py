@@ -468,3 +468,8 @@ def test_setup_refuses_frozen_backbone_heads_ddp_without_unused_and_adapter_chec
         hft = HalfFineTuning()
         hft.load_state_dict({"seed": 0, "round": 0, "trainable": ["nope.weight"]})
         hft.apply(llama())
+
+
+def test_state_from_a_newer_version_is_refused_in_one_sentence():
+    with pytest.raises(HFTError, match=r"state version 99 comes from a newer lightning-peft .* upgrade"):
+        HalfFineTuning().load_state_dict({"version": 99, "seed": 0, "round": 0, "trainable": None})
