@@ -9,8 +9,9 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from helpers import causal_batch, cpu_trainer
+from helpers import causal_batch, class_batch, cpu_trainer
 from test_architectures import TINY
+from torch.utils.data import DataLoader
 
 from lightning_peft import CausalLM
 from lightning_peft import architectures as A
@@ -114,3 +115,30 @@ def test_two_stack_t5_is_refused_in_one_sentence():
     with pytest.raises(GreenTrainerError, match=r"^GreenTrainer cannot run on model_type 't5' \(T5\): it needs one "
                                                 r"stack of blocks \(it has 2 block stacks\)\.$"):
         GreenTrainer.profile(module, causal_batch())
+
+
+@pytest.mark.parametrize("model_type", sorted(t for t, arch in A.ARCHITECTURES.items()
+                                              if not arch.causal and len(arch.blocks) == 1))
+def test_encoder_families_as_classifiers(model_type, tmp_path):
+    """BERT and RoBERTa (one stack, bidirectional) are claimed too: a classifier trains with either callback."""
+    import transformers as T
+
+    from lightning_peft import SequenceClassifier
+
+    config = {"bert": T.BertConfig, "roberta": T.RobertaConfig}[model_type](
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=320,
+        max_position_embeddings=64, num_labels=2, pad_token_id=0)
+    for callback in (HalfFineTuning(seed=0, plot=False), GreenTrainer(rho=0.6, interval_unit="step", plot=False)):
+        torch.manual_seed(0)
+        module = SequenceClassifier(backbone="tiny-bert", num_labels=2, head=FullFineTune())
+        module.model = FullFineTune().attach(T.AutoModelForSequenceClassification.from_config(config))
+        module.set_optimizer("torch.optim.AdamW", lr=1e-2)
+        batches = DataLoader([class_batch(n=4, seed=i) for i in range(2)], batch_size=None)
+        before = _snapshot(module)
+        cpu_trainer(tmp_path, 2, [callback], enable_checkpointing=False).fit(module, train_dataloaders=batches)
+        moved = {n for n, p in module.model.named_parameters() if not torch.equal(before[n], p.detach())}
+        if isinstance(callback, HalfFineTuning):
+            trained = set(callback.trainable_names)
+        else:
+            trained = {n for n, m in zip(callback.candidates, callback.history[-1]["mask"]) if m}
+        assert moved and moved <= trained < set(before), (model_type, type(callback).__name__)
