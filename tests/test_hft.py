@@ -432,7 +432,8 @@ def test_bad_arguments_are_one_clear_sentence(kwargs, match):
 
 
 def test_unknown_architecture_is_one_sentence_and_blocks_with_groups_fix_it():
-    with pytest.raises(HFTError, match=r"model_type None \(_Toy\) not in the architecture table.*`blocks`.*`groups`"):
+    with pytest.raises(HFTError, match=r"model_type None \(_Toy\) is not in the architecture table"
+                                       r".*`blocks`.*`groups`"):
         HalfFineTuning().apply(_Toy())
     with pytest.raises(HFTError, match=r"regex 'attn' matches 0 modules.*\['mix', 'ff', 'ln'\]"):
         HalfFineTuning(blocks="blocks", groups={"attention": ["attn"]}).apply(_Toy())
