@@ -30,6 +30,8 @@ A fused QKV (GPT-2, Phi-3, GPT-NeoX, BLOOM) cannot be half-frozen without splitt
 attention tensors are treated as one category of 2 and one is trained per block: training the fused
 tensor trains 3 of the paper's 4 matrices, the output projection 1, i.e. 2 of 4 on average over the
 blocks. ``balance="count"`` alternates them so the trainable attention count is within one block of 50%.
+**[proposal]** Phi-3's fused ``gate_up`` is treated the same way in the FFN (1 of {gate_up, down}), and
+Gemma-2's four block norms follow the general rule (2 of 4).
 
 ``groups`` replaces the table's categories (each regex must match, in full, the name of exactly one
 module relative to every block); for a model the table does not know, ``blocks`` names its block list::
