@@ -19,32 +19,27 @@ Category-level selection (the paper's default; spec §3.1), per block ``l`` of `
 The general rule for a category with ``k`` tensors per block: ``k/2`` per block when ``k`` is even;
 ``ceil(k/2)`` in a random half of the blocks and ``floor(k/2)`` in the rest when ``k`` is odd.
 
-Built-in architectures (a block is an element of the model's largest ``nn.ModuleList``):
+Architectures: the block list and each block's tensors come from the architecture table
+(:mod:`lightning_peft.architectures`, see :mod:`lightning_peft.callbacks._hft_layout`), so every family
+there with one stack of blocks works: Llama, Mistral, Qwen2/3, Gemma/Gemma-2, Phi-3, GPT-2, GPT-NeoX,
+OPT, BLOOM, BERT, RoBERTa. Per block, **attention** is the table's q/k/v/o (2 of 4), or the fused qkv
+and o (1 of 2); **FFN** is gate/up/down (2-or-1 of 3), or up/down, or the fused gate_up and down (1 of
+2); **norms** are the block norms (1 of 2; 2 of 4 in Gemma-2). T5 (two stacks) is refused in one sentence.
 
-==========  =========================================  ==========================  =============================
-family      attention                                  FFN                         norms
-==========  =========================================  ==========================  =============================
-Llama-like  ``self_attn.{q,k,v,o}_proj`` (2 of 4)      ``mlp.{gate,up,down}_proj``  ``input_layernorm``,
-                                                                                   ``post_attention_layernorm``
-GPT-2       ``attn.c_attn`` (fused QKV), ``attn.c_proj``  ``mlp.c_fc``, ``mlp.c_proj``  ``ln_1``, ``ln_2``
-            (1 of 2)                                   (1 of 2)
-BERT        ``attention.self.{query,key,value}``,      ``intermediate.dense``,     ``attention.output.LayerNorm``,
-            ``attention.output.dense`` (2 of 4)        ``output.dense`` (1 of 2)   ``output.LayerNorm``
-==========  =========================================  ==========================  =============================
+A fused QKV (GPT-2, Phi-3, GPT-NeoX, BLOOM) cannot be half-frozen without splitting it, so its two
+attention tensors are treated as one category of 2 and one is trained per block: training the fused
+tensor trains 3 of the paper's 4 matrices, the output projection 1, i.e. 2 of 4 on average over the
+blocks. ``balance="count"`` alternates them so the trainable attention count is within one block of 50%.
+**[proposal]** Phi-3's fused ``gate_up`` is treated the same way in the FFN (1 of {gate_up, down}), and
+Gemma-2's four block norms follow the general rule (2 of 4).
 
-GPT-2 stores Q, K and V in one tensor, which cannot be half-frozen without splitting it, so its two
-attention tensors are treated as one category of 2 and one is trained per block: training ``c_attn``
-trains 3 of the paper's 4 matrices, ``c_proj`` trains 1, i.e. 2 of 4 on average over the blocks.
-``balance="count"`` alternates them so the trainable attention count is within one block of 50%.
+``groups`` replaces the table's categories (each regex must match, in full, the name of exactly one
+module relative to every block); for a model the table does not know, ``blocks`` names its block list::
 
-Other architectures raise an error that lists the block's module names; pass ``groups`` to map them,
-e.g. for a fused-QKV Phi-3 block::
-
+    blocks: model.layers
     groups: {attention: ['self_attn\\.qkv_proj', 'self_attn\\.o_proj'],
              ffn: ['mlp\\.gate_up_proj', 'mlp\\.down_proj'],
              norm: [input_layernorm, post_attention_layernorm]}
-
-(each regex must match, in full, the name of exactly one module relative to every block).
 
 Where this implementation departs from the paper, or fills gaps it leaves (proposals, from the spec):
 
@@ -70,8 +65,9 @@ Mechanics:
 * DDP: every candidate tensor stays trainable through ``setup`` so the strategy registers it when it
   wraps the model and the optimizer covers it; the mask is applied from ``on_fit_start`` (after the wrap).
   Because the set of tensors with gradients differs from the one DDP registered, DDP needs
-  ``find_unused_parameters=True`` (``strategy: ddp_find_unused_parameters_true``); a DDP strategy
-  without it is refused at setup. Ranks agree without communication: the mask is drawn from a local
+  ``find_unused_parameters=True`` (``strategy: ddp_find_unused_parameters_true``); a wrapped model
+  without it is refused at ``on_fit_start`` (the shared guards live in ``callbacks/_selection.py``).
+  Ranks agree without communication: the mask is drawn from a local
   ``random.Random`` seeded with (seed, round) (the global RNGs are never touched); rank 0's seed is
   broadcast at setup and, at every new mask, rank 0's mask digest is broadcast and compared (a
   mismatch stops every rank with an error).
@@ -81,7 +77,8 @@ Mechanics:
   changed in earlier rounds), which ``FullFineTune`` does.
 * Logs ``hft/round``, ``hft/trainable_fraction`` (of all parameters) and ``hft/block_trainable_fraction``
   (of the block tensors) to every logger, and draws the blocks x tensors grid of the mask to
-  ``<log_dir>/hft_round{r}.png`` (also sent to TensorBoard / W&B loggers). Plotting never stops training.
+  ``<log_dir>/hft_round{r}.png`` (also sent to TensorBoard / W&B loggers, through
+  :func:`lightning_peft.figures.log_figure` on every rank). Plotting never stops training.
 
 YAML (``examples/hft.yaml``)::
 
@@ -100,75 +97,25 @@ YAML (``examples/hft.yaml``)::
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import random
-import re
 import weakref
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_peft.callbacks._hft_layout import HFTError, Layout, build_layout, check_groups
+from lightning_peft.callbacks._selection import SelectionCallback, apply_mask, candidate_names, target
+from lightning_peft.callbacks._selection_plot import hft_figure
+
 ROUND_EVERY = ("fit", "epoch", "step")
 BALANCE = ("category", "count")
-FROZEN_MARK = "_hft_frozen"  # set on tensors an HFT mask froze (they stay candidates for later rounds)
-
-#: built-in block layouts: category -> one regex per tensor group, matched in full against module names
-#: relative to a block. The first layout whose every regex matches exactly one module of a block wins.
-ARCHITECTURES: dict[str, dict[str, list[str]]] = {
-    "llama": {
-        "attention": [r"self_attn\.q_proj", r"self_attn\.k_proj", r"self_attn\.v_proj", r"self_attn\.o_proj"],
-        "ffn": [r"mlp\.gate_proj", r"mlp\.up_proj", r"mlp\.down_proj"],
-        "norm": [r"input_layernorm", r"post_attention_layernorm"],
-    },
-    "gpt2": {
-        "attention": [r"attn\.c_attn", r"attn\.c_proj"],
-        "ffn": [r"mlp\.c_fc", r"mlp\.c_proj"],
-        "norm": [r"ln_1", r"ln_2"],
-    },
-    "bert": {
-        "attention": [r"attention\.self\.query", r"attention\.self\.key", r"attention\.self\.value",
-                      r"attention\.output\.dense"],
-        "ffn": [r"intermediate\.dense", r"output\.dense"],
-        "norm": [r"attention\.output\.LayerNorm", r"output\.LayerNorm"],
-    },
-}
 
 
-class HFTError(ValueError):
-    """A configuration HalfFineTuning cannot run with (one sentence naming the value and the fix)."""
-
-
-@dataclass
-class _Slot:
-    """One selectable unit: a module's weight and bias in one block."""
-
-    layer: int
-    label: str
-    params: list[str]
-    numel: int
-
-
-@dataclass
-class _Layout:
-    arch: str
-    blocks: str  # name of the ModuleList of blocks
-    n_layers: int
-    columns: dict[str, list[str]]  # category -> labels of its tensors
-    slots: dict[str, list[list[_Slot]]]  # category -> block -> slots (in column order)
-    embeddings: list[str] = field(default_factory=list)
-    other: list[str] = field(default_factory=list)  # outside the blocks: final norm, pooler, classifier, ...
-    uncovered: list[str] = field(default_factory=list)  # inside the blocks but named by no category
-
-    def slot_params(self) -> list[str]:
-        return [p for per_layer in self.slots.values() for slots in per_layer for s in slots for p in s.params]
-
-
-class HalfFineTuning(L.Callback):
+class HalfFineTuning(SelectionCallback):
     """Half Fine-Tuning (Hui et al. 2024, arXiv 2404.18466): each round, a structured half trains.
 
     See the module docstring for the selection rule, the supported architectures, the departures from
@@ -183,11 +130,16 @@ class HalfFineTuning(L.Callback):
         train_embeddings: train the input embeddings and the LM head (the paper does).
         balance: ``"category"`` (the paper: any 2 of 4 attention tensors) or ``"count"`` (pairs that keep
             the trainable count closest to half, for GQA models; a proposal).
-        groups: a block layout for an architecture not built in: category -> list of regexes, each
+        groups: categories replacing the architecture table's: category -> list of regexes, each
             matching in full the name of one module relative to a block (``{"attention": [...], ...}``).
+        blocks: for a model the architecture table does not know, the dotted path of its block
+            ``nn.ModuleList`` in the attached model (needs ``groups``).
         first_round: round index of the first round (a later stage run as its own command).
         plot: draw the mask grid to ``<log_dir>/hft_round{r}.png`` and send it to image-capable loggers.
     """
+
+    component = "HalfFineTuning"
+    error = HFTError
 
     def __init__(
         self,
@@ -199,6 +151,7 @@ class HalfFineTuning(L.Callback):
         groups: dict[str, list[str]] | None = None,
         first_round: int = 0,
         plot: bool = True,
+        blocks: str | None = None,
     ) -> None:
         if round_every not in ROUND_EVERY:
             raise HFTError(f"HalfFineTuning round_every={round_every!r} is not one of {ROUND_EVERY}; pick one.")
@@ -210,7 +163,10 @@ class HalfFineTuning(L.Callback):
             raise HFTError(f"HalfFineTuning first_round={first_round!r} must be a non-negative integer.")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise HFTError(f"HalfFineTuning seed={seed!r} must be an integer or null.")
-        self.groups = _check_groups(groups)
+        self.groups = check_groups(groups)
+        if blocks is not None and (not isinstance(blocks, str) or not blocks):
+            raise HFTError(f"HalfFineTuning blocks={blocks!r} must be the dotted path of a block list, e.g. 'layers'.")
+        self.blocks = blocks
         self.seed = seed
         self.round_every = round_every
         self.every_n = every_n
@@ -224,7 +180,7 @@ class HalfFineTuning(L.Callback):
         self._round_start_step = 0
         self._round_start_epoch = 0
         # per-process bookkeeping (not state)
-        self._layouts: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDictionary()
+        self._layouts: weakref.WeakKeyDictionary[nn.Module, Layout] = weakref.WeakKeyDictionary()
         self._restored = False  # load_state_dict ran for the coming fit
         self._reset_counters = False
         self._in_fit = False
@@ -245,13 +201,13 @@ class HalfFineTuning(L.Callback):
 
     def select(self, model: nn.Module, round: int | None = None) -> list[str]:
         """The trainable tensor names for ``(seed, round)`` (default: the current round); no side effect."""
-        model = _target(model)
+        model = target(model)
         return self._draw(model, self.round if round is None else round)
 
     def apply(self, model: nn.Module) -> list[str]:
         """Freeze this round's frozen half of ``model`` (a module or a LightningModule), drawing the mask
         if needed; for training loops without a Trainer. Returns the trainable names."""
-        model = _target(model)
+        model = target(model)
         self._candidate_names(model)
         if self.seed is None:
             self.seed = _default_seed()
@@ -262,7 +218,7 @@ class HalfFineTuning(L.Callback):
 
     def mask_grid(self, model: nn.Module) -> tuple[list[str], list[str], list[list[bool]]]:
         """``(row labels, column labels, rows)``: for each block, whether each category tensor trains."""
-        model = _target(model)
+        model = target(model)
         layout = self.layout(model)
         trainable = set(self._trainable or [])
         cols = [(c, label) for c, labels in layout.columns.items() for label in labels]
@@ -270,11 +226,11 @@ class HalfFineTuning(L.Callback):
                 for layer in range(layout.n_layers)]
         return [f"{layout.blocks}.{i}" for i in range(layout.n_layers)], [f"{c}:{lab}" for c, lab in cols], rows
 
-    def layout(self, model: nn.Module) -> _Layout:
+    def layout(self, model: nn.Module) -> Layout:
         """The block layout HFT selects from (built once per model; raises for unknown architectures)."""
-        model = _target(model)
+        model = target(model)
         if model not in self._layouts:
-            self._layouts[model] = _build_layout(model, self.groups)
+            self._layouts[model] = build_layout(model, self.groups, self.blocks)
         return self._layouts[model]
 
     def __getstate__(self) -> dict[str, Any]:  # picklable (ddp_spawn): drop the per-model caches
@@ -291,8 +247,8 @@ class HalfFineTuning(L.Callback):
         if stage != "fit":
             return
         self._check_module(pl_module)
-        self._check_strategy(trainer)
-        model = _target(pl_module)
+        self.check_strategy(trainer, refuse_sharded=False)
+        model = target(pl_module)
         layout = self.layout(model)
         if layout.uncovered:
             rank_zero_warn(
@@ -308,7 +264,7 @@ class HalfFineTuning(L.Callback):
         self.seed = int(trainer.strategy.broadcast(seed, src=0))
         self._restored = False
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
         self.seed = int(state_dict["seed"])
         self.round = int(state_dict["round"])
         trainable = state_dict.get("trainable")
@@ -317,9 +273,8 @@ class HalfFineTuning(L.Callback):
         self._round_start_epoch = int(state_dict.get("round_start_epoch", 0))
         self._restored = True
 
-    def state_dict(self) -> dict[str, Any]:
+    def _state(self) -> dict[str, Any]:
         return {
-            "version": 1,
             "seed": self.seed,
             "round": self.round,
             "trainable": None if self._trainable is None else list(self._trainable),
@@ -332,18 +287,19 @@ class HalfFineTuning(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # runs after the strategy wrapped the model and built the optimizer, before the optimizer
         # state of a resumed run is loaded
-        model = _target(pl_module)
+        self.check_ddp(trainer)
+        model = target(pl_module)
         self._in_fit = True
         self._reset_counters = not self._restored
         if self._trainable is None:
             self._trainable = self._draw(model, self.round)
         self._apply_mask(model)
-        self._check_agreement(trainer)
+        self.check_agreement(trainer, self._trainable or [], f"the round-{self.round} mask")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the loop state (global_step, current_epoch) of a resumed run is known from here on
         # strategies that restore checkpoints after setup (DeepSpeed) load the saved mask only now
-        self._apply_mask(_target(pl_module))
+        self._apply_mask(target(pl_module))
         if self._reset_counters:
             self._round_start_step = trainer.global_step
             self._round_start_epoch = trainer.current_epoch
@@ -372,39 +328,17 @@ class HalfFineTuning(L.Callback):
 
     # ================================================================= internals
     def _check_module(self, pl_module: L.LightningModule) -> None:
-        head = getattr(pl_module, "head", None)
-        if head is not None and not getattr(head, "trains_backbone", False):
-            raise HFTError(
-                f"HalfFineTuning selects which backbone weights train, but head {head!r} freezes the backbone; "
-                "use `head: lightning_peft.heads.FullFineTune` with this callback."
-            )
+        self.check_module(pl_module)
         if getattr(pl_module, "full_checkpoint", True) is False:
             raise HFTError(
                 "HalfFineTuning needs full checkpoints (frozen tensors were trained in earlier rounds), but the "
                 "module has full_checkpoint=False; set `full_checkpoint: true` (or leave it unset)."
             )
 
-    def _check_strategy(self, trainer: L.Trainer) -> None:
-        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
-
-        strategy = trainer.strategy
-        if isinstance(strategy, DDPStrategy):
-            if not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False):
-                raise HFTError(
-                    "HalfFineTuning freezes tensors after DDP has wrapped the model, which needs "
-                    "find_unused_parameters=True: use `strategy: ddp_find_unused_parameters_true` "
-                    "(or DDPStrategy(find_unused_parameters=True))."
-                )
-        elif isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
-            rank_zero_warn(
-                f"HalfFineTuning has been tested with single-device and DDP strategies only, not "
-                f"{type(strategy).__name__} (FSDP needs use_orig_params=True for mixed frozen/trainable units)."
-            )
-
     def _candidate_names(self, model: nn.Module) -> list[str]:
-        """Tensors HFT may freeze: those the head left trainable, and those an HFT mask froze (marked on
-        the tensor, so a fresh callback on an already-masked model sees the same candidates)."""
-        names = [n for n, p in model.named_parameters() if p.requires_grad or getattr(p, FROZEN_MARK, False)]
+        """Tensors HFT may freeze: those the head left trainable, and those a mask froze (marked on the
+        tensor, so a fresh callback on an already-masked model sees the same candidates)."""
+        names = candidate_names(model)
         if not set(names) & set(self.layout(model).slot_params()):
             raise HFTError(
                 "HalfFineTuning found no trainable block tensor in the model; attach it with "
@@ -452,55 +386,28 @@ class HalfFineTuning(L.Callback):
     def _apply_mask(self, model: nn.Module) -> tuple[list[str], list[str]]:
         """Set ``requires_grad`` from the mask; frozen tensors lose any gradient. Returns the names
         that (became frozen, became trainable)."""
-        candidates = set(self._candidate_names(model))
+        candidates = self._candidate_names(model)
         trainable = set(self._trainable or [])
-        unknown = sorted(trainable - candidates)
+        unknown = sorted(trainable - set(candidates))
         if unknown:
             raise HFTError(
                 f"HalfFineTuning's saved mask names tensors this model does not train ({unknown[:3]}); resume "
                 "with the backbone and head the checkpoint was trained with."
             )
-        frozen_now, trained_now = [], []
-        for name, p in model.named_parameters():
-            if name not in candidates:
-                continue
-            train = name in trainable
-            if p.requires_grad and not train:
-                frozen_now.append(name)
-            elif train and not p.requires_grad:
-                trained_now.append(name)
-            p.requires_grad_(train)
-            setattr(p, FROZEN_MARK, not train)
-            if not train:
-                p.grad = None  # None, not zeros: AdamW then applies no momentum and no weight decay
+        changed = apply_mask(model, {name: name in trainable for name in candidates})
         self.report = self._fractions(model)
-        return frozen_now, trained_now
+        return changed
 
     def _start_round(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A new round inside a fit: draw, apply, forget the optimizer state of newly frozen tensors."""
-        model = _target(pl_module)
+        model = target(pl_module)
         self._trainable = self._draw(model, self.round)
         frozen_now, _ = self._apply_mask(model)
-        params = dict(model.named_parameters())
-        for opt in trainer.optimizers:
-            for name in frozen_now:
-                opt.state.pop(params[name], None)
+        self.forget_optimizer_state(trainer, model, frozen_now)
         self._round_start_step = trainer.global_step
         self._round_start_epoch = trainer.current_epoch
-        self._check_agreement(trainer)
+        self.check_agreement(trainer, self._trainable, f"the round-{self.round} mask")
         self._announce(trainer, pl_module)
-
-    def _check_agreement(self, trainer: L.Trainer) -> None:
-        """Every rank drew the same mask (they must: same seed, same round, same code)."""
-        if trainer.world_size <= 1:
-            return
-        digest = hashlib.sha1("\n".join(self._trainable or []).encode()).hexdigest()
-        same = trainer.strategy.broadcast(digest, src=0) == digest
-        if not trainer.strategy.reduce_boolean_decision(same, all=True):
-            raise RuntimeError(
-                f"HalfFineTuning: ranks disagree on the round-{self.round} mask; give every rank the same "
-                "`seed` and the same model."
-            )
 
     def _fractions(self, model: nn.Module) -> dict[str, Any]:
         layout = self.layout(model)
@@ -532,73 +439,18 @@ class HalfFineTuning(L.Callback):
             f"({rep['block_trainable_fraction']:.1%} of the block tensors; {rep['trainable_tensors']}/"
             f"{rep['tensors']} tensors)."
         )
-        if not self.plot:
-            return
-        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank calls it
-        if not trainer.is_global_zero:
-            return
-        try:
-            path = os.path.join(log_dir, f"hft_round{self.round}.png")
-            fig = self._figure(_target(pl_module))
-            os.makedirs(log_dir, exist_ok=True)
-            fig.savefig(path, dpi=110, bbox_inches="tight")
-            self.last_plot = path
-            for logger in trainer.loggers:
-                kind = type(logger).__name__
-                if kind == "TensorBoardLogger":
-                    logger.experiment.add_figure("hft/mask", fig, global_step=trainer.global_step)
-                elif kind == "WandbLogger":
-                    logger.log_image(key="hft/mask", images=[path], step=trainer.global_step)
-        except Exception as err:  # plotting is a convenience: never stop training for it
-            rank_zero_warn(f"HalfFineTuning could not draw the round-{self.round} mask ({err!r}); training goes on.")
+        if self.plot:  # every rank: the picture touches a collective (the run folder)
+            self.draw(trainer, "hft/mask", lambda: self._figure(target(pl_module)), f"hft_round{self.round}.png")
 
-    def _figure(self, model: nn.Module):
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.colors import ListedColormap
-        from matplotlib.figure import Figure
-
+    def _figure(self, model: nn.Module) -> Any:
         rows, cols, grid = self.mask_grid(model)
         layout = self.layout(model)
-        values = [[1.0 if v else 0.0 for v in row] for row in grid]
-        labels = _short_labels([c.split(":", 1)[1] for c in cols])
-        fig = Figure(figsize=(max(6.0, 1.2 + 0.65 * len(cols)), 1.9 + 0.34 * len(rows)), layout="constrained")
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        ax.imshow(values, cmap=ListedColormap(["#d9d9d9", "#2b8cbe"]), vmin=0, vmax=1, aspect="auto")
-        for r, row in enumerate(grid):
-            for c, v in enumerate(row):
-                ax.text(c, r, "train" if v else "frozen", ha="center", va="center", fontsize=7,
-                        color="white" if v else "#555555")
-        ax.set_xticks(range(len(cols)), labels=labels, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(rows)), labels=[str(i) for i in range(len(rows))], fontsize=8)
-        ax.set_ylabel(f"block ({layout.blocks}.i)", fontsize=8)
-        centers, start = [], 0
-        for names in layout.columns.values():  # separators between categories, their names on top
-            if start:
-                ax.axvline(start - 0.5, color="black", linewidth=1.5)
-            centers.append(start + (len(names) - 1) / 2)
-            start += len(names)
-        top = ax.secondary_xaxis("top")
-        top.set_xticks(centers, labels=list(layout.columns), fontsize=9, fontweight="bold")
-        top.tick_params(length=0)
         rep = self.report or self._fractions(model)
         always = "embeddings and LM head" if self.train_embeddings else "(embeddings frozen)"
-        fig.suptitle(
-            f"HFT round {self.round} (seed {self.seed}, {layout.arch}): {rep['trainable_fraction']:.1%} of "
-            f"parameters train, {rep['block_trainable_fraction']:.1%} of block tensors\n"
-            f"always trained: {always}, and the tensors outside the blocks (final norm, ...)",
-            fontsize=8,
-        )
-        return fig
-
-
-# ===================================================================== layout helpers
-def _target(module: nn.Module) -> nn.Module:
-    """The attached model of a lightning_peft module (its ``.model``), else the module itself."""
-    inner = getattr(module, "model", None)
-    if isinstance(module, L.LightningModule) and isinstance(inner, nn.Module):
-        return inner
-    return module
+        title = (f"HFT round {self.round} (seed {self.seed}, {layout.arch}): {rep['trainable_fraction']:.1%} of "
+                 f"parameters train, {rep['block_trainable_fraction']:.1%} of block tensors\n"
+                 f"always trained: {always}, and the tensors outside the blocks (final norm, ...)")
+        return hft_figure(rows, cols, grid, layout.columns, layout.blocks, title)
 
 
 def _default_seed() -> int:
@@ -608,140 +460,4 @@ def _default_seed() -> int:
         return 0
 
 
-def _check_groups(groups: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
-    if groups is None:
-        return None
-    if hasattr(groups, "as_dict"):
-        groups = groups.as_dict()
-    if not isinstance(groups, dict) or not groups:
-        raise HFTError(f"HalfFineTuning groups={groups!r} must map category names to lists of module regexes.")
-    out: dict[str, list[str]] = {}
-    for cat, patterns in groups.items():
-        if isinstance(patterns, str) or not isinstance(patterns, (list, tuple)) or not patterns:
-            raise HFTError(f"HalfFineTuning groups[{cat!r}]={patterns!r} must be a non-empty list of regexes.")
-        for pat in patterns:
-            try:
-                re.compile(pat)
-            except (re.error, TypeError) as err:
-                raise HFTError(f"HalfFineTuning groups[{cat!r}] has an invalid regex {pat!r} ({err}).") from err
-        out[str(cat)] = [str(p) for p in patterns]
-    return out
-
-
-def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The model's list of transformer blocks: its ModuleList holding the most parameters."""
-    best, best_n = None, 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            n = sum(p.numel() for p in mod.parameters())
-            if n > best_n:
-                best, best_n = (name, mod), n
-    return best
-
-
-def _own_param_modules(block: nn.Module) -> list[str]:
-    return [n for n, m in block.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
-
-
-def _match(block: nn.Module, groups: dict[str, list[str]]) -> dict[str, list[str]] | str:
-    """category -> the module name (relative to the block) each regex matches, or the reason it fails."""
-    names = _own_param_modules(block)
-    out: dict[str, list[str]] = {}
-    used: set[str] = set()
-    for cat, patterns in groups.items():
-        out[cat] = []
-        for pat in patterns:
-            hits = [n for n in names if re.fullmatch(pat, n)]
-            if len(hits) != 1:
-                return f"{cat} regex {pat!r} matches {len(hits)} modules ({hits[:4]}), not exactly one"
-            if hits[0] in used:
-                return f"module {hits[0]!r} is matched by two regexes"
-            used.add(hits[0])
-            out[cat].append(hits[0])
-    return out
-
-
-def _build_layout(model: nn.Module, groups: dict[str, list[str]] | None) -> _Layout:
-    found = _blocks(model)
-    if found is None:
-        names = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
-        raise HFTError(
-            f"HalfFineTuning found no list of blocks in {type(model).__name__} (its modules: {names[:20]}); "
-            "it supports Llama-like, GPT-2 and BERT models, or blocks held in an nn.ModuleList with `groups`."
-        )
-    blocks_name, blocks = found
-    if groups is not None:
-        matched, arch = _match(blocks[0], groups), "groups"
-        if isinstance(matched, str):
-            raise HFTError(
-                f"HalfFineTuning groups do not fit {type(model).__name__}: {matched}; the modules of block "
-                f"{blocks_name}.0 are {_own_param_modules(blocks[0])}."
-            )
-    else:
-        matched, arch = None, ""
-        for arch_name, arch_groups in ARCHITECTURES.items():
-            m = _match(blocks[0], arch_groups)
-            if not isinstance(m, str):
-                matched, arch = m, arch_name
-                break
-        if matched is None:
-            raise HFTError(
-                f"HalfFineTuning does not know the architecture {type(model).__name__}: the modules of block "
-                f"{blocks_name}.0 are {_own_param_modules(blocks[0])}; pass `groups` mapping attention/ffn/norm "
-                "to regexes of these names (built in: Llama-like, GPT-2, BERT)."
-            )
-    assert isinstance(matched, dict)
-    prefix = f"{blocks_name}." if blocks_name else ""
-    param_names = {id(p): n for n, p in model.named_parameters()}
-    slots: dict[str, list[list[_Slot]]] = {cat: [] for cat in matched}
-    covered: set[str] = set()
-    for i, block in enumerate(blocks):
-        modules = dict(block.named_modules())
-        for cat, rel_names in matched.items():
-            row = []
-            for rel in rel_names:
-                if rel not in modules:
-                    raise HFTError(
-                        f"HalfFineTuning: block {prefix}{i} has no module {rel!r} (block 0 has); blocks must "
-                        "share one layout."
-                    )
-                ps = [(param_names[id(p)], p) for p in modules[rel].parameters(recurse=False)]
-                ps = [(n, p) for n, p in ps if n not in covered]  # a tensor shared by two modules counts once
-                covered.update(n for n, _ in ps)
-                # the weight first: the grid shows the weight's status, the bias follows it
-                ps.sort(key=lambda np_: (not np_[0].endswith("weight"), np_[0]))
-                row.append(_Slot(layer=i, label=rel, params=[n for n, _ in ps], numel=sum(p.numel() for _, p in ps)))
-            slots[cat].append(row)
-    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    get_out = getattr(model, "get_output_embeddings", None)
-    out_emb = get_out() if callable(get_out) else None
-    if isinstance(out_emb, nn.Module):
-        embedding_ids.update(id(p) for p in out_emb.parameters())
-    embeddings, other, uncovered = [], [], []
-    for name, p in model.named_parameters():
-        if name in covered:
-            continue
-        if name.startswith(prefix) and blocks_name:
-            uncovered.append(name)
-        elif id(p) in embedding_ids:
-            embeddings.append(name)
-        else:
-            other.append(name)
-    return _Layout(arch=arch, blocks=blocks_name, n_layers=len(blocks), columns=dict(matched), slots=slots,
-                   embeddings=embeddings, other=other, uncovered=uncovered)
-
-
-def _short_labels(labels: list[str]) -> list[str]:
-    """The shortest dotted suffix of each label that is unique among the labels."""
-    out = []
-    for label in labels:
-        parts = label.split(".")
-        for k in range(1, len(parts) + 1):
-            cand = ".".join(parts[-k:])
-            if sum(1 for other in labels if other == cand or other.endswith("." + cand)) == 1:
-                break
-        out.append(cand)
-    return out
-
-
-__all__ = ["ARCHITECTURES", "HFTError", "HalfFineTuning"]
+__all__ = ["HFTError", "HalfFineTuning"]

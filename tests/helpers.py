@@ -136,3 +136,17 @@ def run_cli_ranks(args: list[str], cwd: Path, dump_dir: Path) -> tuple[dict, dic
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return (torch.load(dump_dir / "rank0.pt", weights_only=True), torch.load(dump_dir / "rank1.pt", weights_only=True))
+
+
+def fit_under_one_process_ddp(root, module, callback, datamodule, **trainer_kw) -> L.Trainer:
+    """``fit`` under ``strategy="ddp"`` (find_unused_parameters=False) in this process (one CPU rank, gloo),
+    so the model really is wrapped in DistributedDataParallel; the process group is torn down afterwards."""
+    import torch.distributed as dist
+
+    trainer = cpu_trainer(root, 1, [callback], strategy="ddp", **trainer_kw)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return trainer

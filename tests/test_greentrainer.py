@@ -433,19 +433,25 @@ def test_lora_head_is_refused(tmp_path):
         _trainer(tmp_path, 1, [GreenTrainer()]).fit(module, datamodule=_data())
 
 
-def test_unknown_architecture_names_modules():
-    from transformers import OPTConfig, OPTForCausalLM
+def test_unsupported_architectures_are_one_sentence():
+    """OPT and BLOOM (the paper's families) run now (tests/test_family_matrix_selection.py); a family outside
+    the architecture table, and T5's two block stacks, are refused in one sentence naming the model_type."""
+    from transformers import T5Config, T5ForConditionalGeneration
 
     module = _llama(1)
-    module.model = OPTForCausalLM(OPTConfig(vocab_size=260, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
-                                            num_attention_heads=2, word_embed_proj_dim=32))
-    with pytest.raises(GreenTrainerError, match=r"model_type 'opt'.*OPTDecoderLayer"):
+    module.model = T5ForConditionalGeneration(T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                                       vocab_size=260))
+    with pytest.raises(GreenTrainerError, match=r"GreenTrainer cannot run on model_type 't5' \(T5\): it needs one "
+                                                r"stack of blocks \(it has 2 block stacks\)\.$"):
         GreenTrainer().setup(L.Trainer(accelerator="cpu", logger=False), module, "fit")
-    with pytest.raises(GreenTrainerError, match="OPTAttention"):
+    module.model = torch.nn.Sequential(torch.nn.Embedding(260, 8), torch.nn.Linear(8, 260))
+    with pytest.raises(GreenTrainerError, match=r"model_type None \(Sequential\) is not in the architecture table"):
         GreenTrainer.profile(module, _batch(1, 8))
 
 
-def test_ddp_without_find_unused_parameters_is_refused():
-    trainer = L.Trainer(accelerator="cpu", devices=1, strategy="ddp", logger=False)
+def test_ddp_without_find_unused_parameters_is_refused(tmp_path):
+    """Checked on the wrapped DistributedDataParallel's public find_unused_parameters, after the wrap."""
+    from helpers import fit_under_one_process_ddp
+
     with pytest.raises(GreenTrainerError, match="ddp_find_unused_parameters_true"):
-        GreenTrainer().setup(trainer, _llama(1), "fit")
+        fit_under_one_process_ddp(tmp_path, _gt_module(), GreenTrainer(plot=False), _data())

@@ -376,7 +376,7 @@ def test_ddp_two_cpu_ranks_identical_with_round_change(tmp_path):
     extra.write_text(
         "trainer:\n  callbacks:\n"
         "    - class_path: lightning_peft.callbacks.HalfFineTuning\n"
-        "      init_args: {seed: 4, round_every: step, every_n: 3, plot: false}\n"
+        "      init_args: {seed: 4, round_every: step, every_n: 3}\n"  # pictures on (default)
         f"    - class_path: test_hft.RoundSnapshots\n      init_args: {{out_dir: {dump}}}\n"
         f"    - class_path: helpers.DumpTrainable\n      init_args: {{out_dir: {dump}}}\n"
     )
@@ -385,7 +385,7 @@ def test_ddp_two_cpu_ranks_identical_with_round_change(tmp_path):
            "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_steps", "7",
            "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-           "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
+           "--trainer.default_root_dir", str(tmp_path / "run"),  # the CLI's default logger
            "--data.init_args.num_train", "256", "--data.init_args.batch_size", "8"]
     r0, r1 = run_cli_ranks(args, tmp_path, dump)
     assert r0["step"] == r1["step"] == 7
@@ -398,6 +398,9 @@ def test_ddp_two_cpu_ranks_identical_with_round_change(tmp_path):
     assert [r["trainable"] for r in rec0["records"]] == [r["trainable"] for r in rec1["records"]]
     masks = [r["trainable"] for r in rec0["records"]]
     assert masks[0] == masks[2] != masks[3] == masks[5] != masks[6]  # rounds at steps 0, 3, 6
+    pictures = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "run" / "**" / "hft_round*.png"),
+                                                              recursive=True))
+    assert pictures == ["hft_round0.png", "hft_round1.png", "hft_round2.png"]  # drawn by rank 0, no hang
     for recs in (rec0["records"], rec1["records"]):
         for cur, nxt in zip(recs, recs[1:]):  # one optimizer step apart
             moved = [n for n in cur["params"] if not torch.equal(cur["params"][n], nxt["params"][n])]
@@ -428,13 +431,19 @@ def test_bad_arguments_are_one_clear_sentence(kwargs, match):
         HalfFineTuning(**kwargs)
 
 
-def test_unknown_architecture_names_its_modules_and_groups_fix_it():
-    with pytest.raises(HFTError, match=r"does not know the architecture _Toy.*'mix', 'ff', 'ln'.*groups"):
+def test_unknown_architecture_is_one_sentence_and_blocks_with_groups_fix_it():
+    with pytest.raises(HFTError, match=r"model_type None \(_Toy\) is not in the architecture table"
+                                       r".*`blocks`.*`groups`"):
         HalfFineTuning().apply(_Toy())
     with pytest.raises(HFTError, match=r"regex 'attn' matches 0 modules.*\['mix', 'ff', 'ln'\]"):
-        HalfFineTuning(groups={"attention": ["attn"]}).apply(_Toy())
+        HalfFineTuning(blocks="blocks", groups={"attention": ["attn"]}).apply(_Toy())
+    with pytest.raises(HFTError, match=r"blocks='emb' is not a non-empty nn.ModuleList"):
+        HalfFineTuning(blocks="emb", groups={"attention": ["mix"]}).apply(_Toy())
+    with pytest.raises(HFTError, match=r"blocks='blocks' needs `groups`.*\['mix', 'ff', 'ln'\]"):
+        HalfFineTuning(blocks="blocks").apply(_Toy())
     toy = _Toy()
-    names = set(HalfFineTuning(seed=0, groups={"mixer": ["mix"], "ffn": ["ff"], "norm": ["ln"]}).apply(toy))
+    groups = {"mixer": ["mix"], "ffn": ["ff"], "norm": ["ln"]}
+    names = set(HalfFineTuning(seed=0, blocks="blocks", groups=groups).apply(toy))
     for module in ("mix", "ff", "ln"):  # one tensor per block: half of the blocks train it
         on = [f"blocks.{i}.{module}.weight" in names for i in range(4)]
         assert sum(on) == 2
@@ -442,7 +451,9 @@ def test_unknown_architecture_names_its_modules_and_groups_fix_it():
     assert {"emb.weight", "out.weight", "out.bias"} <= names
 
 
-def test_setup_refuses_frozen_backbone_heads_ddp_without_unused_and_adapter_checkpoints():
+def test_setup_refuses_frozen_backbone_heads_ddp_without_unused_and_adapter_checkpoints(tmp_path):
+    from helpers import fit_under_one_process_ddp
+
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
     lora = CausalLM(backbone="tiny-llama", head=LoRA(r=2, target_modules=["q_proj"]))
     with pytest.raises(HFTError, match=r"freezes the backbone.*FullFineTune"):
@@ -450,10 +461,16 @@ def test_setup_refuses_frozen_backbone_heads_ddp_without_unused_and_adapter_chec
     adapter_only = CausalLM(backbone="tiny-llama", head=FullFineTune(), full_checkpoint=False)
     with pytest.raises(HFTError, match="full_checkpoint"):
         HalfFineTuning().setup(trainer, adapter_only, "fit")
-    ddp = L.Trainer(accelerator="cpu", devices=1, strategy="ddp", logger=False)
+    # DDP without find_unused_parameters: refused once the strategy has wrapped the model (the guard reads
+    # the wrapped DistributedDataParallel's public find_unused_parameters)
     with pytest.raises(HFTError, match="ddp_find_unused_parameters_true"):
-        HalfFineTuning().setup(ddp, llama(), "fit")
+        fit_under_one_process_ddp(tmp_path, _module(), HalfFineTuning(plot=False), _data())
     with pytest.raises(HFTError, match="not train"):  # a saved mask that does not fit the model
         hft = HalfFineTuning()
         hft.load_state_dict({"seed": 0, "round": 0, "trainable": ["nope.weight"]})
         hft.apply(llama())
+
+
+def test_state_from_a_newer_version_is_refused_in_one_sentence():
+    with pytest.raises(HFTError, match=r"state version 99 comes from a newer lightning-peft .* upgrade"):
+        HalfFineTuning().load_state_dict({"version": 99, "seed": 0, "round": 0, "trainable": None})
