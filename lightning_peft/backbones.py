@@ -199,6 +199,8 @@ def load_backbone(
 
     ``config_overrides`` changes preset sizes (e.g. ``{"hidden_size": 256, "num_hidden_layers": 4}``)
     and is passed to ``from_pretrained`` otherwise. Preset weights are drawn from ``seed``.
+
+    The model is returned in **train mode** (dropout on) whatever the spec; call ``.eval()`` for inference.
     """
     auto = _auto_class(task)
     torch_dtype = _dtype(dtype)
@@ -244,6 +246,11 @@ def load_backbone(
         model.config.pad_token_id = tokenizer.pad_token_id
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # ``from_pretrained`` returns the model in eval mode, and Lightning (>= 2.2) no longer switches the
+    # whole module to train mode when fit starts: the backbone would train with its dropout off. Every
+    # backbone therefore leaves here in train mode, as a preset built from a config does (and as the HF
+    # Trainer trains); Lightning's evaluation and prediction loops switch it to eval and restore it.
+    model.train()
     return model, tokenizer
 
 

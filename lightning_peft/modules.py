@@ -303,13 +303,19 @@ class CausalLM(PeftModule):
 
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int = 32, **kwargs: Any) -> list[str]:
-        """Greedy generation for quick looks (one prompt at a time; no padding subtleties)."""
-        outs = []
-        for prompt in prompts:
-            ids = self.tokenizer(prompt, return_tensors="pt").to(self.device)
-            gen = self.model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id, **kwargs)
-            outs.append(self.tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+        """Greedy generation for quick looks (one prompt at a time; no padding subtleties).
+
+        Runs in eval mode (dropout off) and restores the module's mode afterwards."""
+        outs, was_training = [], self.training
+        self.eval()
+        try:
+            for prompt in prompts:
+                ids = self.tokenizer(prompt, return_tensors="pt").to(self.device)
+                gen = self.model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                          pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+                outs.append(self.tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+        finally:
+            self.train(was_training)
         return outs
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
