@@ -12,6 +12,7 @@ import dataclasses
 import pytest
 import torch
 from helpers import causal_batch, cpu_threads
+from pruning_helpers import train_forward_selection
 from test_architectures import TINY
 
 from lightning_peft import CausalLM
@@ -169,12 +170,20 @@ def test_sstoken(model_type):
         with pytest.raises(ValueError, match=rf"^SSToken cannot run on model_type '{model_type}' \(.*\): it needs"):
             pruner(batch, model=module)
         return
-    for out in _steps(module, batch, lambda b: pruner(b, model=module)):
-        weights = out["token_weights"]
-        response = (out["labels"] != -100)
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+    module.train()
+    for _ in range(2):
+        out = pruner(batch, model=module)
+        # the training forward + the objective, with the pruner as the module's token selector
+        result, weights, stats = train_forward_selection(module, pruner, out)
+        assert torch.isfinite(result.loss)
+        result.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        response = out["labels"] != -100
         response[:, 0] = False
         assert 0 < weights[response].sum() < response.sum()  # fewer tokens trained
-        assert out["pruning_stats"]["kept_token_fraction"] == pytest.approx(0.5, abs=0.1)
+        assert stats["kept_token_fraction"] == pytest.approx(0.5, abs=0.1)
 
 
 @pytest.mark.parametrize("model_type", DECODERS)

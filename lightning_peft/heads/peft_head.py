@@ -84,6 +84,10 @@ class PeftHead(PeftBackedHead):
     def forward(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
         return self.kind.forward(model, inputs)
 
+    def disabled(self, model: nn.Module):
+        switched_off = self.kind.disabled(model)
+        return switched_off if switched_off is not None else super().disabled(model)
+
     def peft_config(self, model: nn.Module):
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 

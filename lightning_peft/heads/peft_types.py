@@ -75,6 +75,10 @@ class PeftType:
         return None
 
     # hooks, with the meaning of the same-named ``Head`` methods
+    def disabled(self, model: nn.Module) -> Any:
+        """A context that switches this type off, or None for the default (peft's adapter layers bypassed)."""
+        return None
+
     def before_attach(self, model: nn.Module) -> None:
         """Checks or decisions that need the bare backbone."""
 

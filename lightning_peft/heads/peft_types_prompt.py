@@ -87,6 +87,9 @@ class PromptLearningType(PeftType):
     def forward(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
         return self.prompt.forward(model, inputs)
 
+    def disabled(self, model: nn.Module) -> Any:
+        return self.prompt.disabled(model)
+
 
 @register("PROMPT_TUNING")
 class PromptTuningType(PromptLearningType):

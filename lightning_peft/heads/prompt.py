@@ -23,6 +23,7 @@ forward with peft's public ``get_prompt`` as their embeddings and prefixes.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, ClassVar
 
 import torch
@@ -138,7 +139,24 @@ class PromptHead(Head):
         """Run the backbone on the extended inputs (a subclass may post-process, e.g. its own loss)."""
         return self.language_model(model)(**kwargs)
 
+    def disabled(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Within the block the forward runs the backbone alone: no virtual tokens, no prefix (no parameter
+        or ``requires_grad`` flag changes, so it is safe inside a step and under DDP)."""
+
+        @contextlib.contextmanager
+        def switched_off():
+            previous = getattr(self, "_switched_off", False)
+            self._switched_off = True
+            try:
+                yield
+            finally:
+                self._switched_off = previous
+
+        return switched_off()
+
     def forward(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
+        if getattr(self, "_switched_off", False):
+            return self.language_model(model)(**{k: v for k, v in inputs.items() if k not in _DROPPED})
         kwargs, n_virtual = self.model_inputs(model, inputs)
         out = self.call(model, kwargs)
         logits = getattr(out, "logits", None)
