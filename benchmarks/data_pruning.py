@@ -39,15 +39,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_peft import CausalLM
-from lightning_peft.datamodules.pruning import QTuning, SSToken
+from lightning_peft.datamodules.pruning import PrunerContext, QTuning, SSToken
 from lightning_peft.heads import FullFineTune, LoRA
+from lightning_peft.objectives import TokenSelector
 
 TINY = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 8,
         "num_key_value_heads": 4}
 
 
 class PrunedData(L.LightningDataModule):
-    """Fixed generated rows; the pruner runs on training batches after transfer, as in the library."""
+    """Fixed generated rows; the pruner runs on training batches after transfer, as in the library's
+    DataModules: bound to the batch's ``PrunerContext`` (a ``TokenSelector`` pruner is also registered as
+    ``module.token_selector``), then called."""
 
     def __init__(self, rows, batch: int, pruner=None) -> None:
         super().__init__()
@@ -58,11 +61,20 @@ class PrunedData(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         if self.pruner is not None and self.trainer.training:
-            batch = self.pruner(batch, model=self.trainer.lightning_module)
+            module = self.trainer.lightning_module
+            self.pruner.bind(PrunerContext.of(self.trainer, module))
+            if isinstance(self.pruner, TokenSelector):
+                module.token_selector = self.pruner
+            batch = self.pruner(batch, model=module)
         return batch
 
 
 class Meter(L.Callback):
+    """Training-batch start times and the response tokens that entered each step's loss: those with a
+    label and a positive ``token_weights`` entry (a pruner that decides before the forward, e.g. QTuning),
+    or, with a token selector on the module (SSToken chooses inside the objective), the selector's own
+    count of kept tokens, logged as ``pruning/kept_tokens``."""
+
     def __init__(self) -> None:
         self.starts: list[float] = []
         self.tokens: list[int] = []
@@ -71,6 +83,9 @@ class Meter(L.Callback):
         self.starts.append(time.perf_counter())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if getattr(pl_module, "token_selector", None) is not None:
+            self.tokens.append(int(trainer.callback_metrics["pruning/kept_tokens"]))
+            return
         valid = batch["labels"][:, 1:] != -100
         weights = batch.get("token_weights")
         if weights is not None:

@@ -115,7 +115,9 @@ class Runner:
                  keep: float = 0.4, scorer: str = "predictor") -> None:
         self.module = build(setting, variant, segment)
         self.opt = self.module.configure_optimizers()
-        self.cb = eliminator(self.module, setting, length, calibration, keep, scorer) if "elimination" in variant else None
+        self.cb = None
+        if "elimination" in variant:
+            self.cb = eliminator(self.module, setting, length, calibration, keep, scorer)
 
     @torch.no_grad()
     def eval_loss(self, batches) -> float:
