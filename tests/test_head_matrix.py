@@ -174,3 +174,29 @@ def test_a_newly_exported_head_without_a_row_is_reported(monkeypatch):
     monkeypatch.setattr(heads_package, "NewHead", NewHead, raising=False)
     monkeypatch.setattr(heads_package, "__all__", [*heads_package.__all__, "NewHead"])
     assert _heads_without_row() == ["NewHead"]
+
+
+# ---------------------------------------------------------------------------------------------- model dims
+def test_model_dims_come_from_the_architecture_table_with_a_config_fallback():
+    """(embedding width, blocks per stack, kv width) used by the prompt formulas; numbers from the configs."""
+    from types import SimpleNamespace
+
+    from torch import nn
+    from transformers import GPTJConfig, GPTJForCausalLM, T5Config, T5ForConditionalGeneration
+
+    from lightning_peft.architectures import UnsupportedArchitecture
+    from lightning_peft.heads.peft_types import model_dims
+
+    llama, _ = load_backbone("tiny-llama", task="causal-lm")
+    assert model_dims(llama) == (64, 2, 2 * 16)  # 2 kv heads of 64 / 4
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=32, d_kv=6, num_heads=4, d_ff=16, num_layers=3,
+                                             num_decoder_layers=2))
+    assert model_dims(t5) == (32, 3, 24)  # the encoder's blocks; d_kv, not d_model / heads
+    gptj = GPTJForCausalLM(GPTJConfig(vocab_size=50, n_embd=32, n_layer=3, n_head=4, rotary_dim=4, n_positions=16))
+    assert model_dims(gptj) == (32, 3, 32)  # not in the table: the config's names
+
+    class Mystery(nn.Module):
+        config = SimpleNamespace(model_type="mystery")
+
+    with pytest.raises(UnsupportedArchitecture, match="'mystery'.*ARCHITECTURES"):
+        model_dims(Mystery())
