@@ -14,8 +14,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import (
     FlopCounterMode,
     flop_registry,
@@ -26,6 +24,7 @@ from torch.utils.flop_counter import (
 
 from lightning_peft import architectures as A
 from lightning_peft.callbacks._greentrainer_dp import selection_cost
+from lightning_peft.compat import TorchDispatchMode, tree_flatten, tree_map  # torch private names, see compat
 
 aten = torch.ops.aten
 

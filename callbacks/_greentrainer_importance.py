@@ -12,14 +12,14 @@ from typing import Any
 import torch
 
 from lightning_peft.callbacks._greentrainer_flops import _kept_grads_and_rng, _loss
+from lightning_peft.compat import optimizer_step_flags, restore_optimizer_step_flags
 
 
 def _snapshot_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     state = {p: {k: (v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in s.items()}
              for p, s in optimizer.state.items()}
     groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    extra = {k: getattr(optimizer, k) for k in ("_opt_called",) if hasattr(optimizer, k)}
-    return {"state": state, "groups": groups, "extra": extra}
+    return {"state": state, "groups": groups, "extra": optimizer_step_flags(optimizer)}
 
 
 def _restore_optimizer(optimizer: torch.optim.Optimizer, snap: dict[str, Any]) -> None:
@@ -41,8 +41,7 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, snap: dict[str, Any]) -
                 cur[k] = v
     for g, s in zip(optimizer.param_groups, snap["groups"]):
         g.update(s)
-    for k, v in snap["extra"].items():
-        setattr(optimizer, k, v)
+    restore_optimizer_step_flags(optimizer, snap["extra"])
 
 
 def tensor_importance(pl_module: Any, batch: dict[str, Any], optimizer: torch.optim.Optimizer,

@@ -124,6 +124,7 @@ from lightning_peft.callbacks._greentrainer_importance import tensor_importance
 from lightning_peft.callbacks._selection import SelectionCallback, block_positions
 from lightning_peft.callbacks._selection import apply_mask as _apply
 from lightning_peft.callbacks._selection_plot import mask_figure
+from lightning_peft.compat import callback_state_key
 
 
 # ------------------------------------------------------------------------------------ selection
@@ -237,7 +238,7 @@ class GreenTrainer(SelectionCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(rho=self.rho, interval=self.interval, interval_unit=self.interval_unit)
+        return callback_state_key(self, rho=self.rho, interval=self.interval, interval_unit=self.interval_unit)
 
     # ----------------------------------------------------------------- public helpers
     @staticmethod

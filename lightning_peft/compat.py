@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
+import torch
 from torch import nn
+
+# torch's dispatch-mode base class and pytree helpers have no public home yet (torch 2.x); GreenTrainer's
+# op recorder (callbacks/_greentrainer_flops.py) imports them from here. Upstream names:
+# ``torch.utils._python_dispatch.TorchDispatchMode``, ``torch.utils._pytree.tree_flatten`` / ``tree_map``.
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 
 @contextlib.contextmanager
@@ -47,4 +55,44 @@ def _is_aux_wrapper(module: nn.Module) -> bool:
     return isinstance(module, AuxiliaryTrainingWrapper)
 
 
-__all__ = ["peft_adapter_layers_bypassed"]
+def callback_state_key(callback: Any, **kwargs: Any) -> str:
+    """The ``state_key`` of a Lightning callback whose checkpoint entry depends on ``kwargs``.
+
+    Lightning keys a callback's ``state_dict`` in the checkpoint by ``Callback.state_key``; a callback
+    that may appear twice with different settings builds its key as ``"<class qualname>{kwargs repr}"``.
+    Using Lightning's own helper keeps the key identical to what Lightning itself would write, so
+    checkpoints stay loadable across versions that keep the format.
+
+    Upstream name: ``lightning.pytorch.callbacks.Callback._generate_state_key`` (lightning >= 1.7).
+    """
+    return callback._generate_state_key(**kwargs)
+
+
+#: the optimizer attributes a learning-rate scheduler sets from outside (torch >= 2.2: ``_opt_called``,
+#: set by the scheduler's wrapper of ``optimizer.step`` and read to warn about a misordered
+#: ``scheduler.step()``)
+OPTIMIZER_STEP_FLAGS = ("_opt_called",)
+
+
+def optimizer_step_flags(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The flags an LR scheduler keeps on ``optimizer`` (see :data:`OPTIMIZER_STEP_FLAGS`), as a dict.
+
+    A component that takes a real ``optimizer.step()`` and undoes it (GreenTrainer's importance pass)
+    saves these with the optimizer state and puts them back with :func:`restore_optimizer_step_flags`,
+    so the scheduler sees the optimizer exactly as before.
+
+    Upstream name: ``torch.optim.lr_scheduler.LRScheduler`` sets ``optimizer._opt_called``.
+    """
+    return {k: getattr(optimizer, k) for k in OPTIMIZER_STEP_FLAGS if hasattr(optimizer, k)}
+
+
+def restore_optimizer_step_flags(optimizer: torch.optim.Optimizer, flags: dict[str, Any]) -> None:
+    """Put back the flags saved by :func:`optimizer_step_flags` (flags absent then are left as they are)."""
+    for k, v in flags.items():
+        setattr(optimizer, k, v)
+
+
+__all__ = [
+    "OPTIMIZER_STEP_FLAGS", "TorchDispatchMode", "callback_state_key", "optimizer_step_flags",
+    "peft_adapter_layers_bypassed", "restore_optimizer_step_flags", "tree_flatten", "tree_map",
+]

@@ -9,7 +9,15 @@ import torch
 from helpers import causal_batch, cpu_threads
 
 from lightning_peft import CausalLM
-from lightning_peft.compat import peft_adapter_layers_bypassed
+from lightning_peft.compat import (
+    TorchDispatchMode,
+    callback_state_key,
+    optimizer_step_flags,
+    peft_adapter_layers_bypassed,
+    restore_optimizer_step_flags,
+    tree_flatten,
+    tree_map,
+)
 from lightning_peft.heads import LoRA
 
 cpu_threads()
@@ -64,3 +72,58 @@ def test_adapter_layers_bypassed_computes_the_base_model_and_changes_no_flag():
     torch.testing.assert_close(inside, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(after, adapted, rtol=0, atol=0)
     assert {n: p.requires_grad for n, p in module.model.named_parameters()} == flags and not frozen.requires_grad
+
+
+# ---------------------------------------------------------------------------------------- lightning state key
+def test_callback_state_key_is_lightnings_format():
+    """Upstream name: ``Callback._generate_state_key``; the key is the class qualname and the kwargs' repr
+    (the format checkpoints already written by GreenTrainer carry)."""
+    import lightning as L
+
+    from lightning_peft.callbacks import GreenTrainer
+
+    assert hasattr(L.Callback, "_generate_state_key"), \
+        "lightning removed Callback._generate_state_key; update compat.py"
+    assert GreenTrainer(rho=0.5, interval=3, interval_unit="step").state_key == \
+        "GreenTrainer{'rho': 0.5, 'interval': 3, 'interval_unit': 'step'}"
+
+    class Other(L.Callback):
+        pass
+
+    assert callback_state_key(Other(), a=1) == Other.__qualname__ + "{'a': 1}"
+
+
+# ---------------------------------------------------------------------------------------- torch scheduler flag
+def test_lr_scheduler_still_marks_the_optimizer_step_and_the_flags_round_trip():
+    """Upstream name: ``optimizer._opt_called``, set by the LR scheduler's wrapper of ``optimizer.step``."""
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    assert optimizer_step_flags(opt) in ({}, {"_opt_called": False})  # nothing stepped yet
+    saved = optimizer_step_flags(opt)
+    w.grad = torch.ones(2)
+    opt.step()
+    assert getattr(opt, "_opt_called", None) is True, \
+        "torch no longer sets optimizer._opt_called in LRScheduler; update OPTIMIZER_STEP_FLAGS in compat.py"
+    assert optimizer_step_flags(opt) == {"_opt_called": True}
+    restore_optimizer_step_flags(opt, {"_opt_called": False})
+    assert opt._opt_called is False
+    restore_optimizer_step_flags(opt, saved)
+
+
+# ---------------------------------------------------------------------------------------- torch dispatch/pytree
+def test_torch_dispatch_mode_and_pytree_still_work():
+    """Upstream names: ``torch.utils._python_dispatch.TorchDispatchMode``, ``torch.utils._pytree``."""
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        torch.ones(2, 3) @ torch.ones(3, 1)
+    assert any("mm" in name for name in seen)
+    leaves, _ = tree_flatten(({"a": 1, "b": [2, 3]}, 4))
+    assert sorted(leaves) == [1, 2, 3, 4]
+    assert tree_map(lambda x: x * 10, {"a": [1, 2]}) == {"a": [10, 20]}

@@ -6,14 +6,16 @@ A new head joins with one line in HEAD_CASES: a name and a factory taking the ba
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
 from helpers import batch_for, logits, train_steps
 
+import lightning_peft.heads as heads_package
 from lightning_peft import CausalLM, SequenceClassifier
 from lightning_peft.backbones import load_backbone
-from lightning_peft.heads import FullFineTune, LoRA, PeftHead
+from lightning_peft.heads import FullFineTune, Head, LoRA, PeftHead
 
 # module names per backbone: attention q/k/v, an FFN output layer
 NAMES = {
@@ -128,3 +130,73 @@ def test_loss_falls_within_50_steps(head_name, backbone):
     module = build(head_name, backbone)
     losses = train_steps(module, batch_for(module), steps=50, lr=LOSS_LR.get(head_name, 2e-2), weight_decay=0.0)
     assert sum(losses[-5:]) / 5 < 0.8 * losses[0], losses[::10]
+
+
+# ---------------------------------------------------------------------------------------------- completeness
+def _unimplemented(cls: type) -> list[str]:
+    """Methods ``cls`` leaves to a subclass: those (resolved through the MRO) that raise NotImplementedError."""
+    return [name for name, fn in inspect.getmembers(cls, inspect.isfunction)
+            if "NotImplementedError" in fn.__code__.co_names]
+
+
+def _exported_concrete_heads() -> set[type]:
+    exported = {getattr(heads_package, name) for name in heads_package.__all__}
+    return {c for c in exported if isinstance(c, type) and issubclass(c, Head) and not _unimplemented(c)}
+
+
+def test_abstract_bases_are_recognised_by_what_they_leave_open():
+    """The filter below decides abstractness from the classes themselves, not from a list of names."""
+    from lightning_peft.heads import PromptHead
+    from lightning_peft.heads._peft import PeftBackedHead
+
+    assert _unimplemented(Head) == ["attach"]
+    assert _unimplemented(PromptHead) == ["build"]
+    assert _unimplemented(PeftBackedHead) == ["peft_config"]
+    assert {FullFineTune, LoRA, PeftHead} <= _exported_concrete_heads()
+
+
+def _heads_without_row() -> list[str]:
+    covered = {type(factory(NAMES[bb])) for factory in HEAD_CASES.values() for bb in BACKBONES}
+    return sorted(c.__name__ for c in _exported_concrete_heads() - covered)
+
+
+def test_every_exported_head_has_a_matrix_row():
+    """A head exported from ``lightning_peft.heads`` joins the matrix with one line in HEAD_CASES."""
+    missing = _heads_without_row()
+    assert not missing, f"exported heads without a row in HEAD_CASES (tests/test_head_matrix.py): {missing}"
+
+
+def test_a_newly_exported_head_without_a_row_is_reported(monkeypatch):
+    class NewHead(Head):
+        def attach(self, model):
+            return model
+
+    monkeypatch.setattr(heads_package, "NewHead", NewHead, raising=False)
+    monkeypatch.setattr(heads_package, "__all__", [*heads_package.__all__, "NewHead"])
+    assert _heads_without_row() == ["NewHead"]
+
+
+# ---------------------------------------------------------------------------------------------- model dims
+def test_model_dims_come_from_the_architecture_table_with_a_config_fallback():
+    """(embedding width, blocks per stack, kv width) used by the prompt formulas; numbers from the configs."""
+    from types import SimpleNamespace
+
+    from torch import nn
+    from transformers import GPTJConfig, GPTJForCausalLM, T5Config, T5ForConditionalGeneration
+
+    from lightning_peft.architectures import UnsupportedArchitecture
+    from lightning_peft.heads.peft_types import model_dims
+
+    llama, _ = load_backbone("tiny-llama", task="causal-lm")
+    assert model_dims(llama) == (64, 2, 2 * 16)  # 2 kv heads of 64 / 4
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=32, d_kv=6, num_heads=4, d_ff=16, num_layers=3,
+                                             num_decoder_layers=2))
+    assert model_dims(t5) == (32, 3, 24)  # the encoder's blocks; d_kv, not d_model / heads
+    gptj = GPTJForCausalLM(GPTJConfig(vocab_size=50, n_embd=32, n_layer=3, n_head=4, rotary_dim=4, n_positions=16))
+    assert model_dims(gptj) == (32, 3, 32)  # not in the table: the config's names
+
+    class Mystery(nn.Module):
+        config = SimpleNamespace(model_type="mystery")
+
+    with pytest.raises(UnsupportedArchitecture, match="'mystery'.*ARCHITECTURES"):
+        model_dims(Mystery())

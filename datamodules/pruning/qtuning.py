@@ -442,28 +442,23 @@ class QTuning(BatchPruner):
         return fig
 
     def on_train_epoch_end(self, trainer: Any) -> None:
-        """Draw the epoch's EU-plane plot (called by the DataModule on every rank; rank 0 draws)."""
+        """Draw the epoch's EU-plane plot (called by the DataModule on every rank; rank 0 draws), through
+        :func:`~lightning_peft.figures.log_figure`: ``<run folder>/eu_plane/epoch_<n>.png`` and every
+        logger that takes images, under the key ``pruning/eu_plane``."""
         if not self._points:
             return
+        from lightning_peft.figures import log_figure, run_folder
+
         epoch = int(trainer.current_epoch)
-        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank calls it
-        if trainer.is_global_zero:
-            import matplotlib.pyplot as plt
+        folder = run_folder(trainer)  # a collective under DDP: every rank calls it (log_figure does too)
 
-            fig = self.plot(os.path.join(log_dir, "eu_plane", f"epoch_{epoch}.png"), title=f"EU plane, epoch {epoch}")
-            for logger in trainer.loggers:
-                try:
-                    if hasattr(logger, "log_image"):  # W&B
-                        logger.log_image(key="pruning/eu_plane", images=[fig], step=trainer.global_step)
-                    elif hasattr(getattr(logger, "experiment", None), "add_figure"):  # TensorBoard
-                        logger.experiment.add_figure("pruning/eu_plane", fig, global_step=trainer.global_step)
-                except Exception as err:  # a logger problem must not stop training
-                    from lightning.pytorch.utilities import rank_zero_warn
+        def draw():
+            os.makedirs(os.path.join(folder, "eu_plane"), exist_ok=True)
+            return self.plot(title=f"EU plane, epoch {epoch}")
 
-                    rank_zero_warn(f"QTuning could not send the EU-plane plot to {type(logger).__name__}: {err}")
-            plt.close(fig)
+        log_figure(trainer, "pruning/eu_plane", draw, step=trainer.global_step,
+                   filename=os.path.join("eu_plane", f"epoch_{epoch}.png"))
         self._points = []
-
 
 __all__ = ["QTuning", "apply_plan", "bisect_quadrants", "eu_coordinates", "fill_up", "plan_pruning",
            "smoothed_scores", "token_stats"]

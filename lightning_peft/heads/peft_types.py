@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lightning_peft import architectures as A
 from lightning_peft.heads.lora import targeted_linears
 
 #: peft_type -> the class holding its specifics (filled by ``@register``)
@@ -36,11 +37,40 @@ def register(*names: str):
 
 
 def model_dims(model: nn.Module) -> tuple[int, int, int]:
-    """(hidden size, number of layers, key/value width) of a transformers config."""
-    c = model.config
-    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", None) or c.d_model
-    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None) or c.num_layers
-    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None)
+    """(token-embedding width, blocks per stack, key/value width) of ``model`` (any wrapper).
+
+    Read from the architecture table (:mod:`lightning_peft.architectures`): the width of the token
+    embeddings, the length of the first block stack (T5: the encoder's, which peft's prefix uses per
+    stack) and ``head_dim * kv_heads`` from :func:`~lightning_peft.architectures.attention_facts`. A
+    family not in the table falls back to the usual ``transformers`` config names (``hidden_size`` /
+    ``n_embd`` / ``d_model``, ``num_hidden_layers`` / ``n_layer`` / ``num_layers``, attention and
+    key/value heads, ``head_dim``); where those are missing too, one sentence says how to add the family.
+    """
+    try:
+        stacks = A.block_stacks(model)
+        facts = A.attention_facts(model)
+        return A.embeddings(model).embedding_dim, len(stacks[0]), facts.head_dim * facts.kv_heads
+    except A.UnsupportedArchitecture:
+        return _config_dims(A.unwrap(model))
+
+
+def _config_dims(hf: nn.Module) -> tuple[int, int, int]:
+    """The fallback of :func:`model_dims` for families outside the architecture table."""
+    c = getattr(hf, "config", None)
+
+    def first(*names: str) -> Any:
+        value = next((getattr(c, n) for n in names if getattr(c, n, None)), None)
+        if value is None:
+            model_type = getattr(c, "model_type", None)
+            raise A.UnsupportedArchitecture(
+                f"cannot tell the dimensions of model_type {model_type!r} ({type(hf).__name__}): it is not in the "
+                f"architecture table and its config has none of {', '.join(names)}; add the family to "
+                "ARCHITECTURES in lightning_peft/architectures.py.")
+        return value
+
+    hidden = first("hidden_size", "n_embd", "d_model")
+    layers = first("num_hidden_layers", "n_layer", "num_layers")
+    heads = first("num_attention_heads", "n_head")
     kv_heads = getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or hidden // heads
     return hidden, layers, head_dim * kv_heads
