@@ -132,6 +132,8 @@ def run_cli_ranks(args: list[str], cwd: Path, dump_dir: Path) -> tuple[dict, dic
     import sys
 
     env = dict(os.environ, PYTHONPATH=str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for key in ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # the CLI launches its own ranks; inherited ones would make rank 0 wait forever
     proc = subprocess.run([sys.executable, "-m", "lightning_peft.cli", "fit", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
