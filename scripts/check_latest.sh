@@ -35,7 +35,8 @@ py="$work/venv/bin/python"
 
 echo "== versions that differ from constraints.txt (- locked, + newest)"
 grep -v '^#' constraints.txt | LC_ALL=C sort -f > "$work/locked.txt" || true
-diff "$work/locked.txt" "$work/resolved.txt" | grep '^[<>]' | sed 's/^</-/; s/^>/+/' || echo "   (none)"
+changes="$(diff "$work/locked.txt" "$work/resolved.txt" | grep '^[<>]' | sed 's/^</-/; s/^>/+/' || true)"
+echo "${changes:-   (none)}"
 
 echo "== test suite on the newest releases"
 status=0
