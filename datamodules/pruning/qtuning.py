@@ -31,9 +31,10 @@ itself because it removes ``1 - sample_ratio`` of the rows from the forward + ba
 code masks the loss of a full-batch forward, which saves nothing). No forward with gradients is ever
 run twice. The scoring pass is made cheap without changing what it computes (:mod:`.scoring`,
 ``fast_scoring=True``): the decoder body runs once, the LM head only at the positions the plan reads
-(response positions, or every non-pad position with ``entropy_positions="all"``), with a plain LoRA
-head the adapter deltas are merged into temporary weights for the pass, and loss and entropy come from
-one ``log_softmax`` per position. The per-sample decision (bisection, fill-up) runs on host copies of
+(response positions, or every non-pad position with ``entropy_positions="all"``), a LoRA layer runs
+its own adapter path with dropout off (no merged copy of any weight: the pass needs no memory beyond the
+bare backbone's no-grad forward but rank-``r`` intermediates), and loss and entropy come from one
+``log_softmax`` per position. The per-sample decision (bisection, fill-up) runs on host copies of
 the ``(B,)`` vectors, and the logged counts leave the device in one transfer.
 
 Departures from the paper / official code (all flagged):
@@ -277,10 +278,10 @@ class QTuning(BatchPruner):
         budget_positions: ``"response"`` (default) or ``"all"`` (official parity: prompt included).
         drop: ``"highest"`` (the method) or ``"lowest"`` (the ``fwise`` ablation).
         plot_every_epoch: draw the EU-plane scatter plot at each training epoch end.
-        fast_scoring: score with the decoder body plus the LM head at the needed positions only, LoRA
-            deltas merged for the pass (:mod:`.scoring`; same function, float rounding differs at ~1e-6
-            relative); False runs the module's plain forward (the reference). Backbones or heads the
-            fast route does not know always take the reference route.
+        fast_scoring: score with the decoder body plus the LM head at the needed positions only, in eval
+            mode (:mod:`.scoring`; same function, float rounding differs at ~1e-6 relative); False runs
+            the module's plain forward (the reference). Backbones or heads the fast route does not know
+            always take the reference route.
         trim_padding: after dropping rows, cut the columns that are padding in every kept row.
         scoring_precision: precision of the scoring pass. ``None`` (default): the training forward's
             (the trainer's precision plugin, e.g. bf16 autocast under ``precision="bf16-mixed"``);
