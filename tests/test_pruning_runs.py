@@ -180,7 +180,8 @@ def test_pruned_run_resumes_exactly(tmp_path, make_pruner):
 def test_other_bad_values():
     for kwargs in ({"lam": -0.1}, {"lam": 1.5}, {"entropy_positions": "prompt"}, {"budget_positions": "x"},
                    {"drop": "random"}, {"sample_ratio": float("nan")}, {"token_ratio": "0.5"},
-                   {"scoring_precision": "fp8"}):
+                   {"scoring_precision": "fp8"}, {"prompt_neighbour_ppl": -1.0}, {"prompt_neighbour_ppl": "1"},
+                   {"prompt_neighbour_ppl": float("inf")}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             QTuning(**kwargs)
     for kwargs in ({"gamma": 1.5}, {"gamma": -1}, {"rel_warmup_fraction": 2.0}, {"history": "ema"},
