@@ -157,7 +157,7 @@ def check_selections(records, make_pruner, ranks=(0, 1), steps=3):
      lambda: QTuning(sample_ratio=0.5, token_ratio=0.5, plot_every_epoch=False)),
     ("RecordingSSToken", "gamma: 0.5, rho: 0.6", lambda: SSToken(gamma=0.5, rho=0.6)),
 ], ids=["qtuning", "sstoken"])
-def test_ddp_two_ranks_select_as_one_process(tmp_path, name, init_args, make_pruner):
+def test_ddp_two_ranks_identical(tmp_path, name, init_args, make_pruner):
     """2-process CLI run with the default logger (and QTuning's EU-plane picture) on: each rank records what
     its pruner selected at each step; the selections are compared across ranks and against a one-process
     replay (parameters alone would agree whatever each rank selected: DDP averages the gradients)."""
