@@ -243,3 +243,35 @@ def test_bad_configuration_is_one_sentence(kwargs, match):
 def test_targets_matching_nothing_name_the_linear_modules():
     with pytest.raises(HeadError, match=r"match no Linear or Embedding.*'query'"):
         Propulsion(targets=["LayerNorm"]).attach(tiny_roberta())
+
+
+def test_cli_fit_then_both_exports(tmp_path):
+    """A Trainer run with the head from the command line; the merged export reloads as a plain model with the
+    same logits (export checks them), the unmerged one writes the head alone and it reloads exactly."""
+    from helpers import REPO, causal_batch
+
+    from lightning_peft.checkpoints import load_module
+    from lightning_peft.cli import main
+    from lightning_peft.export import export
+
+    root = tmp_path / "run"
+    main(["fit", "--config", str(REPO / "examples" / "quickstart.yaml"), "--trainer.max_steps", "3",
+          "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+          "--trainer.limit_val_batches", "0", "--data.init_args.num_train", "128",
+          "--model.head", "lightning_peft.heads.Propulsion", "--model.head.init_args.degree", "5"])
+    last = str(next(root.rglob("last.ckpt")))
+    trained = load_module(last)
+    zs = [p for n, p in trained.model.named_parameters() if n.endswith("propulsion_z")]
+    assert zs and any(not torch.equal(z, torch.ones_like(z)) for z in zs)  # the checkpoint holds trained scales
+    assert export(last, str(tmp_path / "merged"), merge=True)["max_abs_logit_diff"] <= 1e-5
+    export(last, str(tmp_path / "head"), merge=False)
+    fresh = load_module(last)
+    with torch.no_grad():
+        for z in fresh.model.parameters():
+            if z.requires_grad:
+                z.fill_(1.0)
+    fresh.head.load(fresh.model, str(tmp_path / "head"))
+    batch = causal_batch(n=2)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        assert torch.equal(fresh(inputs).logits, trained(inputs).logits)

@@ -252,7 +252,8 @@ def test_unmerged_export_is_a_plain_peft_lora_adapter_with_the_same_logits(tmp_p
         torch.testing.assert_close(loaded(**inputs).logits, trained.model(**inputs).logits, rtol=0, atol=1e-5)
         with loaded.disable_adapter():
             assert not torch.allclose(loaded(**inputs).logits, trained.model(**inputs).logits, atol=1e-4)
-    assert os.path.isdir(out)
+    merged = export(last, str(tmp_path / "merged"), merge=True)  # merging needs no sharing either
+    assert merged["max_abs_logit_diff"] <= 1e-5 and os.path.isfile(tmp_path / "merged" / "config.json")
 
 
 def test_shared_lr_scale_puts_the_shared_matrices_in_their_own_group():
