@@ -283,3 +283,28 @@ def test_shared_modules_outside_the_targets_are_named():
     with pytest.raises(HeadError, match=r"shared_modules \['k_proj'\] are not among the targeted modules"):
         ShareLoRA(target_modules=["q_proj", "v_proj"], shared_modules=["k_proj"]).attach(
             load_backbone("tiny-llama")[0])
+
+
+def test_qkv_scope_shares_one_a_across_q_k_v_and_layers():
+    """share_scope="qkv" (the spec's proposal): r d + L sum_p r d_out,p with share A."""
+    llama, _ = load_backbone("tiny-llama", task="causal-lm")
+    head = ShareLoRA(r=4, share="A", target_modules=["q_proj", "k_proj", "v_proj"], share_scope="qkv")
+    expected = 4 * 64 + 2 * 4 * (64 + 32 + 32)
+    assert head.expected_trainable_parameters(llama) == expected
+    model = head.attach(llama)
+    assert Head.trainable_parameters(model) == expected
+    layers = model.base_model.model.model.layers
+    a = {layer.self_attn.get_submodule(p).lora_A["default"].weight for layer in layers for p in ("q_proj", "k_proj",
+                                                                                                   "v_proj")}
+    assert len({id(w) for w in a}) == 1
+    with pytest.raises(HeadError, match=r"cannot share across 'stack0.\*.qkv'.*different shapes"):
+        ShareLoRA(share="B", target_modules=["q_proj", "v_proj"], share_scope="qkv").attach(
+            load_backbone("tiny-llama")[0])  # GQA: v is narrower than q
+
+
+def test_qkv_scope_needs_separate_projections():
+    gpt2, _ = load_backbone("tiny-gpt2", task="causal-lm")
+    with pytest.raises(HeadError, match="share_scope='qkv' needs separate q, k and v projections"):
+        ShareLoRA(target_modules=["c_attn"], share_scope="qkv").attach(gpt2)
+    with pytest.raises(HeadError, match="share_scope='all' is not one of"):
+        ShareLoRA(share_scope="all")

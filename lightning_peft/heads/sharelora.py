@@ -23,7 +23,10 @@ head's saved state) sees the shared matrix once; autograd sums its gradient over
   only ``q_proj`` and ``v_proj`` shared); the others keep per-layer LoRA.
 * ``shared_lr_scale`` (proposal of the spec, default 1.0 = the paper): the shared matrices receive the
   summed gradient of all layers, and this multiplies their learning rate.
-* The paper's "self-attention variant" (one matrix shared by Q, K and V) is not implemented.
+* ``share_scope="qkv"`` (a proposal of the spec: the paper's "self-attention variant", found in
+  neither the code nor readable text): the q, k and v projections (architecture-table roles) of every
+  layer share one matrix, which works for ``A`` because all three read the hidden state; with ``B`` it
+  needs equal output widths (no GQA). The default ``"type"`` shares per projection type, as the code does.
 
 Saving: :meth:`Head.save` and adapter-only checkpoints keep each shared matrix once (under its first
 layer's name) and re-tie on load, because the rebuilt head shares before the state is copied in. The
@@ -43,6 +46,7 @@ from lightning_peft.heads.base import HeadError, classifier_module_names, is_cla
 from lightning_peft.heads.lora import targeted_linears
 
 SHARE = ("A", "B", "AB")
+SCOPES = ("type", "qkv")
 ADAPTER = "default"
 
 
@@ -58,15 +62,16 @@ def _block_names(model: nn.Module) -> dict[str, int] | None:
     return {name: stack_of[id(m)] for name, m in model.named_modules() if id(m) in stack_of}
 
 
-def projection_type(name: str, block_names: dict[str, int] | None) -> str:
+def projection_type(name: str, block_names: dict[str, int] | None, merged: frozenset[str] = frozenset()) -> str:
     """The sharing key of a module: its path inside its block (prefixed by the stack), or its full name
-    when it lies outside every block."""
+    when it lies outside every block. Block paths in ``merged`` share one key (``share_scope="qkv"``)."""
     if block_names is None:  # not in the architecture table: the first integer path component is the layer
         key, n = re.subn(r"\.\d+\.", ".*.", name, count=1)
         return key if n else name
     for block, stack in block_names.items():
         if name.startswith(block + "."):
-            return f"stack{stack}.*.{name[len(block) + 1:]}"
+            path = name[len(block) + 1:]
+            return f"stack{stack}.*.{'qkv' if path in merged else path}"
     return name
 
 
@@ -83,6 +88,8 @@ class ShareLoRA(PeftBackedHead):
         shared_modules: leaf names of the projection types to share (default: every targeted type);
             the others keep plain per-layer LoRA (the paper's LLaMA recipe shares only ``q_proj``, ``v_proj``).
         shared_lr_scale: learning-rate multiplier of the shared matrices (a proposal; 1.0 = the paper).
+        share_scope: ``"type"`` (one shared matrix per projection type, the paper's code) or ``"qkv"`` (one
+            matrix for the q, k and v projections of every layer; a proposal).
     """
 
     mergeable = True
@@ -97,11 +104,15 @@ class ShareLoRA(PeftBackedHead):
         dropout: float = 0.0,
         shared_modules: list[str] | None = None,
         shared_lr_scale: float = 1.0,
+        share_scope: str = "type",
     ) -> None:
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise HeadError(f"ShareLoRA r={r!r} must be a positive integer; use r >= 1 (8 is the paper's GLUE rank).")
         if share not in SHARE:
             raise HeadError(f"ShareLoRA share={share!r} is not one of {SHARE}; use 'A' (the paper's default).")
+        if share_scope not in SCOPES:
+            raise HeadError(f"ShareLoRA share_scope={share_scope!r} is not one of {SCOPES}; use 'type' (the paper's "
+                            "code).")
         if shared_lr_scale <= 0:
             raise HeadError(f"ShareLoRA shared_lr_scale={shared_lr_scale} must be positive; use 1.0 (no rescaling).")
         self.r = r
@@ -111,6 +122,7 @@ class ShareLoRA(PeftBackedHead):
         self.dropout = dropout
         self.shared_modules = None if shared_modules is None else list(shared_modules)
         self.shared_lr_scale = shared_lr_scale
+        self.share_scope = share_scope
 
     def peft_config(self, model: nn.Module):
         from peft import LoraConfig
@@ -125,11 +137,12 @@ class ShareLoRA(PeftBackedHead):
         head = set(classifier_module_names(model)) if is_classifier(model) else set()  # peft trains it whole
         targeted = [t for t in targeted_linears(model, self.target_modules) if t[0].split(".")[0] not in head]
         blocks = _block_names(model)
+        merged = self._qkv_paths(model, blocks) if self.share_scope == "qkv" else frozenset()
         by_type: dict[str, list[tuple[str, int, int]]] = {}
         for entry in targeted:
             leaf = entry[0].rsplit(".", 1)[-1]
             shared = self.shared_modules is None or leaf in self.shared_modules
-            by_type.setdefault(projection_type(entry[0], blocks) if shared else entry[0], []).append(entry)
+            by_type.setdefault(projection_type(entry[0], blocks, merged) if shared else entry[0], []).append(entry)
         for key, members in by_type.items():
             widths = {(i if "A" in self.share else 0, o if "B" in self.share else 0) for _, i, o in members}
             if len(widths) > 1:
@@ -143,14 +156,27 @@ class ShareLoRA(PeftBackedHead):
                                 f"{sorted(leaves)}; name some of these.")
         return list(by_type.values())
 
+    @staticmethod
+    def _qkv_paths(model: nn.Module, blocks: dict[str, int] | None) -> frozenset[str]:
+        """Block-relative paths of the separate q, k and v projections (architecture table)."""
+        from lightning_peft.architectures import architecture_of
+
+        attention = architecture_of(model).attention if blocks is not None else None
+        if attention is None or not (attention.q and attention.k and attention.v):
+            raise HeadError(f"ShareLoRA share_scope='qkv' needs separate q, k and v projections from the "
+                            f"architecture table, which {type(model).__name__} lacks; use share_scope='type'.")
+        return frozenset((attention.q, attention.k, attention.v))
+
     def expected_trainable_parameters(self, model: nn.Module) -> int:
-        """Per group of ``n`` layers: share A ``r d_in + n r d_out``; share B ``n r d_in + r d_out``; share AB
-        ``r (d_in + d_out)`` (+ a classifier's output layer). On ``P`` types over ``L`` layers, share A gives
+        """Per group, the shared factor counts once and the other once per member: for ``n`` layers of one
+        type, share A ``r d_in + n r d_out``; share B ``n r d_in + r d_out``; share AB ``r (d_in + d_out)``
+        (+ a classifier's output layer). On ``P`` types over ``L`` layers, share A gives
         the paper's ``P r d_in + L P r d_out``."""
         total = 0
         for members in self.groups(model):
-            n, (_, d_in, d_out) = len(members), members[0]
-            total += self.r * d_in * (1 if "A" in self.share else n) + self.r * d_out * (1 if "B" in self.share else n)
+            ins, outs = [m[1] for m in members], [m[2] for m in members]  # shared widths are equal in a group
+            total += self.r * (ins[0] if "A" in self.share else sum(ins)) + self.r * (outs[0] if "B" in self.share
+                                                                                      else sum(outs))
         return total + classifier_parameters(model)
 
     # ----------------------------------------------------------------- attach
