@@ -34,7 +34,7 @@ class PredictorCalibration:
 
     # ------------------------------------------------------------------ calibration
     def _collect_layer(self, layer: int, attn: AttentionParts, x: torch.Tensor, position_embeddings: tuple) -> None:
-        cos, sin = position_embeddings
+        cos, sin = self._score_rotary(position_embeddings)
         token_valid = self._valid(x)
         with torch.no_grad():
             matrix = exact_block_matrix(attn, x, cos, sin, self.block_size, token_valid)
@@ -108,6 +108,7 @@ class PredictorCalibration:
         return {
             "shape": next(iter(self.predictors.values())).shape() if self.predictors else None,
             "target": self.predictor_target,
+            "positions": self.score_positions,
             "dims": {str(i): p.dims() for i, p in self.predictors.items()},
             "weights": {str(i): {k: v.detach().cpu() for k, v in p.state_dict().items()}
                         for i, p in self.predictors.items()},
@@ -144,6 +145,12 @@ class PredictorCalibration:
                 f"predictors from {source} were trained on the {target!r} target, but this run has "
                 f"predictor_target={self.predictor_target!r}; set predictor_target: {target} or retrain them."
             )
+        positions = state.get("positions", "post_rope")  # saved before the setting existed: rotated scores
+        if positions != self.score_positions:
+            raise TokenEliminationError(
+                f"predictors from {source} were trained on {positions} scores, but this run has "
+                f"score_positions={self.score_positions!r}; set score_positions: {positions} or retrain them."
+            )
         layers = sorted(int(i) for i in state["weights"])
         missing = sorted(set(self._sparse) - set(layers))
         if missing:
@@ -152,8 +159,10 @@ class PredictorCalibration:
         device = next(hf.parameters()).device
         predictors = {}
         for i in self._sparse:
-            p = BlockPredictor(shape["hidden_size"], shape["num_heads"], shape["block"], dims=state["dims"][str(i)])
-            p.load_state_dict(state["weights"][str(i)])
+            weights = state["weights"][str(i)]
+            p = BlockPredictor(shape["hidden_size"], shape["num_heads"], shape["block"], dims=state["dims"][str(i)],
+                               bias=any(k.endswith(".bias") for k in weights))
+            p.load_state_dict(weights)
             predictors[i] = p.to(device).requires_grad_(False).eval()
         self.predictors = predictors
         self.recall = {int(i): float(r) for i, r in (state.get("recall") or {}).items()}
