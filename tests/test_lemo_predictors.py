@@ -53,9 +53,9 @@ def test_predictor_shape_and_training_reduces_the_loss():
 def test_elastic_pruning_removes_only_dead_neurons_and_keeps_the_function():
     torch.manual_seed(0)
     pred = BlockPredictor(64, 4, BLOCK, h1=32, h2=24)
-    with torch.no_grad():
-        pred.q[0].bias[:5] = -1e4  # dead: always <= 0 before the ReLU
-        pred.k[2].bias[3:6] = -1e4
+    with torch.no_grad():  # the linears have no bias (released code): a zero weight row is dead, always 0
+        pred.q[0].weight[:5] = 0.0
+        pred.k[2].weight[3:6] = 0.0
     x = torch.randn(3, N, 64)
 
     def measure():
@@ -175,14 +175,14 @@ def test_exact_predictor_target(tmp_path):
         module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     handle.remove()
     x, target, bvalid, exact = cb._collect[2][0]
-    cos, sin = captured["position_embeddings"]
     valid = batch["attention_mask"].bool()
     parts = attention_parts(module.model, 2)
-    matrix = exact_block_matrix(parts, captured["hidden_states"], cos, sin, BLOCK, valid)
+    # scores before the rotary embedding (score_positions="pre_rope", the default): no cos/sin
+    matrix = exact_block_matrix(parts, captured["hidden_states"], None, None, BLOCK, valid)
     torch.testing.assert_close(target, matrix)  # the exact (causal, 1/sqrt(d)) matrix, not the released /16 one
     assert torch.equal(target.triu(1), torch.zeros_like(target))
     for sym in (True, False):  # a perfect predictor reproduces the exact scores on valid blocks
-        want = exact_block_scores(parts, captured["hidden_states"], cos, sin, BLOCK, valid, sym)
+        want = exact_block_scores(parts, captured["hidden_states"], None, None, BLOCK, valid, sym)
         got = predicted_block_scores(matrix + matrix.transpose(-1, -2).triu(1) * 5, bvalid, exact_target=True,
                                      symmetrize=sym)  # garbage above the diagonal must be ignored
         torch.testing.assert_close(got[bvalid], want[bvalid])
