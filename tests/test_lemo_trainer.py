@@ -187,7 +187,7 @@ def test_token_elimination_ddp_two_cpu_ranks_identical(tmp_path):
             got = {str(layer): idx[:, ::block] // block for layer, idx in replay.selection_log}
             assert sorted(got) == sorted(record["kept"])
             for layer, kept in record["kept"].items():
-                assert torch.equal(got[layer], kept), f"step {record['step']} layer {layer}: a rank selected other blocks"
+                assert torch.equal(got[layer], kept), f"step {record['step']} layer {layer}: rank kept other blocks"
 
 
 def test_long_context_example_runs(tmp_path):
