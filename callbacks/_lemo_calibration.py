@@ -1,5 +1,6 @@
 """TokenElimination's predictor phase: collecting calibration samples, training the per-layer block
-predictors (and threshold initialisation), held-out recall, and saving/loading predictors with their shapes.
+predictors (and threshold initialisation), held-out recall, the callback state (resume, DDP agreement), and
+saving/loading predictors with their shapes.
 
 A mixin of :class:`lightning_peft.callbacks.TokenElimination` (see its module docstring, *Predictors are
 trained in a callback phase* and *Predictor target*); the tensor operations live in :mod:`._lemo_ops`.
@@ -30,7 +31,8 @@ class TokenEliminationError(ValueError):
 
 
 class PredictorCalibration:
-    """Calibration and predictor persistence of :class:`TokenElimination` (state lives on the callback)."""
+    """Calibration, the callback's ``state_dict`` and predictor persistence of :class:`TokenElimination`
+    (state lives on the callback)."""
 
     # ------------------------------------------------------------------ calibration
     def _collect_layer(self, layer: int, attn: AttentionParts, x: torch.Tensor, position_embeddings: tuple) -> None:
@@ -104,6 +106,36 @@ class PredictorCalibration:
         return self.finish_calibration(progress=progress)
 
     # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """The callback state (plain values and tensors: loads with ``weights_only=True``)."""
+        return {
+            "predictors": self.predictor_state(),
+            "thresholds": {str(i): t for i, t in self.thresholds.items()} if self.thresholds is not None else None,
+            "calibrated_at": self._calibrated_at,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._hf is None:
+            self._pending_state = state_dict
+        else:
+            self._restore(state_dict)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self._load_predictor_state(state.get("predictors") or {}, source="the checkpoint")
+        if state.get("thresholds") is not None:
+            self.thresholds = {int(i): float(t) for i, t in state["thresholds"].items()}
+        self._calibrated_at = int(state.get("calibrated_at", 0))
+        # samples collected before an interruption are not saved: calibration restarts on the next batches
+
+    def _agree(self, trainer: Any) -> None:
+        """Under DDP, every rank takes rank 0's predictors and thresholds."""
+        if trainer.world_size <= 1:
+            return
+        state = trainer.strategy.broadcast({"predictors": self.predictor_state(), "thresholds": self.thresholds},
+                                           src=0)
+        self._load_predictor_state(state["predictors"], source="rank 0")
+        self.thresholds = state["thresholds"]
+
     def predictor_state(self) -> dict[str, Any]:
         return {
             "shape": next(iter(self.predictors.values())).shape() if self.predictors else None,

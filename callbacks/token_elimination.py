@@ -446,26 +446,6 @@ class TokenElimination(PredictorCalibration, L.Callback):
         self.last_kept_fraction[layer] = tok_kept.sum() / token_valid.sum().clamp_min(1)
         return out[:, :n]
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "predictors": self.predictor_state(),
-            "thresholds": {str(i): t for i, t in self.thresholds.items()} if self.thresholds is not None else None,
-            "calibrated_at": self._calibrated_at,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._hf is None:
-            self._pending_state = state_dict
-        else:
-            self._restore(state_dict)
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        self._load_predictor_state(state.get("predictors") or {}, source="the checkpoint")
-        if state.get("thresholds") is not None:
-            self.thresholds = {int(i): float(t) for i, t in state["thresholds"].items()}
-        self._calibrated_at = int(state.get("calibrated_at", 0))
-        # samples collected before an interruption are not saved: calibration restarts on the next batches
-
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.attach(pl_module.model)
@@ -502,16 +482,6 @@ class TokenElimination(PredictorCalibration, L.Callback):
             pl_module.log("lemo/kept_fraction", float(sum(active)) / len(active), batch_size=_batch_size(batch))
         if self.recall:
             pl_module.log("lemo/recall", sum(self.recall.values()) / len(self.recall), batch_size=_batch_size(batch))
-
-    def _agree(self, trainer: L.Trainer) -> None:
-        """Under DDP, every rank takes rank 0's predictors and thresholds."""
-        if trainer.world_size <= 1:
-            return
-        state = trainer.strategy.broadcast({"predictors": self.predictor_state(), "thresholds": self.thresholds},
-                                           src=0)
-        self._load_predictor_state(state["predictors"], source="rank 0")
-        self.thresholds = state["thresholds"]
-
 
 def default_dense_layers(n_layers: int) -> set[int]:
     """The layers ``dense_layers="auto"`` keeps dense: ``0 .. n/2 - 2`` and the last one (spec §3.2; released
