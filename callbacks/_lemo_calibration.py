@@ -1,5 +1,6 @@
 """TokenElimination's predictor phase: collecting calibration samples, training the per-layer block
-predictors (and threshold initialisation), held-out recall, and saving/loading predictors with their shapes.
+predictors (and threshold initialisation), held-out recall, the callback state (resume, DDP agreement), and
+saving/loading predictors with their shapes.
 
 A mixin of :class:`lightning_peft.callbacks.TokenElimination` (see its module docstring, *Predictors are
 trained in a callback phase* and *Predictor target*); the tensor operations live in :mod:`._lemo_ops`.
@@ -30,11 +31,12 @@ class TokenEliminationError(ValueError):
 
 
 class PredictorCalibration:
-    """Calibration and predictor persistence of :class:`TokenElimination` (state lives on the callback)."""
+    """Calibration, the callback's ``state_dict`` and predictor persistence of :class:`TokenElimination`
+    (state lives on the callback)."""
 
     # ------------------------------------------------------------------ calibration
     def _collect_layer(self, layer: int, attn: AttentionParts, x: torch.Tensor, position_embeddings: tuple) -> None:
-        cos, sin = position_embeddings
+        cos, sin = self._score_rotary(position_embeddings)
         token_valid = self._valid(x)
         with torch.no_grad():
             matrix = exact_block_matrix(attn, x, cos, sin, self.block_size, token_valid)
@@ -104,10 +106,41 @@ class PredictorCalibration:
         return self.finish_calibration(progress=progress)
 
     # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """The callback state (plain values and tensors: loads with ``weights_only=True``)."""
+        return {
+            "predictors": self.predictor_state(),
+            "thresholds": {str(i): t for i, t in self.thresholds.items()} if self.thresholds is not None else None,
+            "calibrated_at": self._calibrated_at,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._hf is None:
+            self._pending_state = state_dict
+        else:
+            self._restore(state_dict)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self._load_predictor_state(state.get("predictors") or {}, source="the checkpoint")
+        if state.get("thresholds") is not None:
+            self.thresholds = {int(i): float(t) for i, t in state["thresholds"].items()}
+        self._calibrated_at = int(state.get("calibrated_at", 0))
+        # samples collected before an interruption are not saved: calibration restarts on the next batches
+
+    def _agree(self, trainer: Any) -> None:
+        """Under DDP, every rank takes rank 0's predictors and thresholds."""
+        if trainer.world_size <= 1:
+            return
+        state = trainer.strategy.broadcast({"predictors": self.predictor_state(), "thresholds": self.thresholds},
+                                           src=0)
+        self._load_predictor_state(state["predictors"], source="rank 0")
+        self.thresholds = state["thresholds"]
+
     def predictor_state(self) -> dict[str, Any]:
         return {
             "shape": next(iter(self.predictors.values())).shape() if self.predictors else None,
             "target": self.predictor_target,
+            "positions": self.score_positions,
             "dims": {str(i): p.dims() for i, p in self.predictors.items()},
             "weights": {str(i): {k: v.detach().cpu() for k, v in p.state_dict().items()}
                         for i, p in self.predictors.items()},
@@ -144,6 +177,12 @@ class PredictorCalibration:
                 f"predictors from {source} were trained on the {target!r} target, but this run has "
                 f"predictor_target={self.predictor_target!r}; set predictor_target: {target} or retrain them."
             )
+        positions = state.get("positions", "post_rope")  # saved before the setting existed: rotated scores
+        if positions != self.score_positions:
+            raise TokenEliminationError(
+                f"predictors from {source} were trained on {positions} scores, but this run has "
+                f"score_positions={self.score_positions!r}; set score_positions: {positions} or retrain them."
+            )
         layers = sorted(int(i) for i in state["weights"])
         missing = sorted(set(self._sparse) - set(layers))
         if missing:
@@ -152,8 +191,10 @@ class PredictorCalibration:
         device = next(hf.parameters()).device
         predictors = {}
         for i in self._sparse:
-            p = BlockPredictor(shape["hidden_size"], shape["num_heads"], shape["block"], dims=state["dims"][str(i)])
-            p.load_state_dict(state["weights"][str(i)])
+            weights = state["weights"][str(i)]
+            p = BlockPredictor(shape["hidden_size"], shape["num_heads"], shape["block"], dims=state["dims"][str(i)],
+                               bias=any(k.endswith(".bias") for k in weights))
+            p.load_state_dict(weights)
             predictors[i] = p.to(device).requires_grad_(False).eval()
         self.predictors = predictors
         self.recall = {int(i): float(r) for i, r in (state.get("recall") or {}).items()}

@@ -60,11 +60,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
-def project_qk(attn: AttentionParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Post-rotary queries ``[B, H, N, d]`` and keys ``[B, Hkv, N, d]`` of one block's attention (``attn``
-    from :func:`lightning_peft.architectures.attention_parts`: q/k norms applied where the family has them)."""
+def project_qk(attn: AttentionParts, x: torch.Tensor, cos: torch.Tensor | None = None,
+               sin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries ``[B, H, N, d]`` and keys ``[B, Hkv, N, d]`` of one block's attention (``attn`` from
+    :func:`lightning_peft.architectures.attention_parts`: q/k norms applied where the family has them).
+
+    With ``cos, sin`` they are rotated (post-RoPE); without, they are the projections before the rotary
+    embedding (pre-RoPE, what the released code scores), which carry no position.
+    """
     q, k = attn.states(x, want_v=False)
+    if cos is None:
+        return q, k
     return attn.rotate(q, cos, sin), attn.rotate(k, cos, sin)
 
 
@@ -116,18 +122,22 @@ def token_block_scores(matrix: torch.Tensor, symmetrize: bool = True) -> torch.T
     return matrix.sum(dim=-2)
 
 
-def exact_block_matrix(attn: AttentionParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: int,
-                       token_valid: torch.Tensor | None) -> torch.Tensor:
-    """The exact profiling matrix of a layer (causal, ``1/sqrt(d)``), ``[B, nb, nb]`` fp32, no graph."""
+def exact_block_matrix(attn: AttentionParts, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                       block: int, token_valid: torch.Tensor | None) -> torch.Tensor:
+    """The exact profiling matrix of a layer (causal, ``1/sqrt(d)``), ``[B, nb, nb]`` fp32, no graph.
+
+    ``cos, sin = None, None`` scores the queries and keys before the rotary embedding (the released code).
+    """
     with torch.no_grad():
         q, k = project_qk(attn, x, cos, sin)
         return block_score_matrix(q, k, block, causal=True, scale=attn.facts.head_dim ** -0.5,
                                   token_valid=token_valid)
 
 
-def exact_block_scores(attn: AttentionParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: int,
-                       token_valid: torch.Tensor | None, symmetrize: bool = True) -> torch.Tensor:
-    """Exact informativeness of every block of a layer from its (normalised) input ``x``, ``[B, nb]`` fp32."""
+def exact_block_scores(attn: AttentionParts, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                       block: int, token_valid: torch.Tensor | None, symmetrize: bool = True) -> torch.Tensor:
+    """Exact informativeness of every block of a layer from its (normalised) input ``x``, ``[B, nb]`` fp32
+    (pre-RoPE when ``cos, sin`` are None, see :func:`project_qk`)."""
     return token_block_scores(exact_block_matrix(attn, x, cos, sin, block, token_valid), symmetrize)
 
 
@@ -138,10 +148,12 @@ def causal_block_pairs(block_valid: torch.Tensor) -> torch.Tensor:
     return block_valid[:, :, None] & block_valid[:, None, :] & tril
 
 
-def predictor_target(attn: AttentionParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: int,
-                     token_valid: torch.Tensor | None) -> torch.Tensor:
+def predictor_target(attn: AttentionParts, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                     block: int, token_valid: torch.Tensor | None) -> torch.Tensor:
     """The predictors' training target as in the released code: block max of ``sum_h ReLU(q^h k^hT)`` with
-    no causal mask and no ``1/sqrt(d)``, divided by 16; ``[B, nb, nb]``."""
+    no causal mask and no ``1/sqrt(d)``, divided by 16; ``[B, nb, nb]``. The released code takes q and k
+    before the rotary embedding (``cos, sin = None, None``), so the target carries no position, like the
+    predictor's input."""
     with torch.no_grad():
         q, k = project_qk(attn, x, cos, sin)
         return block_score_matrix(q, k, block, causal=False, scale=None, token_valid=token_valid) / 16.0
@@ -232,16 +244,18 @@ class BlockPredictor(nn.Module):
     Input: the layer's normalised hidden states ``[B, N, D]``, split into ``H`` chunks of ``d = D/H``
     raw features and grouped into blocks of ``b`` tokens: one ``b*d`` vector per (head chunk, block).
     Each MLP maps ``b*d -> h1 -> h2 -> d`` with ReLU in between (spec: ``h1 = 128``, ``h2 = b*d``).
-    Predicted block matrix ``I^_mn = sum_h q^_m^h . k^_n^h`` (fp32), ``[B, nb, nb]``.
+    Predicted block matrix ``I^_mn = sum_h q^_m^h . k^_n^h`` (fp32), ``[B, nb, nb]``. The linears have no
+    bias, as in the released ``AttnPredictor`` (``bias=True`` only to load predictors saved with biases).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, block: int, h1: int = 128, h2: int | None = None,
-                 dims: dict[str, list[int]] | None = None) -> None:
+                 dims: dict[str, list[int]] | None = None, bias: bool = False) -> None:
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}.")
         self.hidden_size, self.num_heads, self.block = hidden_size, num_heads, block
         self.head_chunk = hidden_size // num_heads
+        self.bias = bool(bias)
         d_in = block * self.head_chunk
         h2 = d_in if h2 is None else h2
         dims = dims or {"q": [h1, h2], "k": [h1, h2]}
@@ -250,7 +264,9 @@ class BlockPredictor(nn.Module):
 
     def _mlp(self, d_in: int, hidden: list[int]) -> nn.Sequential:
         a, b = hidden
-        return nn.Sequential(nn.Linear(d_in, a), nn.ReLU(), nn.Linear(a, b), nn.ReLU(), nn.Linear(b, self.head_chunk))
+        bias = self.bias
+        return nn.Sequential(nn.Linear(d_in, a, bias=bias), nn.ReLU(), nn.Linear(a, b, bias=bias), nn.ReLU(),
+                             nn.Linear(b, self.head_chunk, bias=bias))
 
     def dims(self) -> dict[str, list[int]]:
         """Hidden widths of both MLPs (they shrink under elastic pruning); stored with the weights."""

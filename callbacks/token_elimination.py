@@ -9,7 +9,8 @@ In every sparsified layer, for every sample:
 1. each block of ``block_size`` tokens is scored by its informativeness: exactly (``scorer="exact"``,
    block max of the head-summed positive pre-softmax scores, column-summed over query blocks,
    optionally symmetrised; spec §3.1) or by the layer's predictor MLPs (``scorer="predictor"``, the
-   paper's runtime path; §3.4);
+   paper's runtime path; §3.4); the scores use the queries and keys *before* the rotary embedding, as
+   the released code does (``score_positions``, below);
 2. the top ``floor(keep * n_valid_blocks)`` blocks (``policy="ratio"``) or the blocks scoring at least
    the layer's threshold (``policy="threshold"``) are gathered; Q/K/V/O and attention run over them
    only, with rotary embeddings at the original positions and causal order kept; the output is
@@ -21,9 +22,10 @@ Their Q/K/V/attention activations are never created, which is where the memory g
 
 **Schedule.** Dense while predictors/thresholds are being calibrated and for ``warmup_steps``
 optimizer steps, then the keep ratio ramps linearly from 1 to its target over ``ramp_steps`` (counted
-from the first step at which elimination may start). Default layers as in the released code: the
-first half of the layers and the last layer stay dense, the others keep ``keep_ratio = 0.4``; ``dense_layers`` and
-``layer_ratios`` override. Elimination acts in training only (``apply_in_eval=False``): validation,
+from the first step at which elimination may start). Default layers as in the spec and the released code:
+layers ``0 .. n/2 - 2`` and the last layer stay dense, layers ``n/2 - 1 .. n - 2`` keep ``keep_ratio = 0.4``
+(Llama-2-7B, 32 layers: 0-14 and 31 dense, 15-30 sparse; the released OPT code: ``layer < L/2 - 1`` dense);
+``dense_layers`` and ``layer_ratios`` override. Elimination acts in training only (``apply_in_eval=False``): validation,
 test and generation run dense, which is how the fine-tuned model will be used.
 
 **Predictors are trained in a callback phase.** When ``scorer="predictor"`` and no predictors were
@@ -37,6 +39,14 @@ callback's ``state_dict`` with their shapes, so resume restores them, and
 :meth:`TokenElimination.save_predictors` / ``predictors_path`` move them between runs. Under DDP every
 rank collects and trains, then rank 0's predictors (and thresholds) are broadcast, so ranks agree.
 :meth:`TokenElimination.calibrate` does the same offline from batches you pass in.
+
+**Scores before the rotary embedding** (``score_positions``): ``"pre_rope"`` (default) scores, like the
+released code (``block_attn_pool`` on ``query_states``/``key_states`` before ``apply_rotary_pos_emb``), the
+projections (after Qwen3's q/k norms) before the rotary embedding, for the exact scorer, the predictor
+target, the recall reference and the threshold initialisation alike; the predictor, which sees no
+positions, then learns a position-free target. ``"post_rope"`` (parity with this project's earlier
+releases) scores the rotated queries and keys the attention itself uses; the paper does not say which.
+Predictors record the setting and are refused by a run with the other one.
 
 **Predictor target** (``predictor_target``): ``"released"`` (default) is the released code's block max of
 ``sum_h ReLU(q k^T) / 16`` without causal mask or ``1/sqrt(d)``, and at run time the predicted matrix is
@@ -56,6 +66,11 @@ MLP weights (LoRA on attention only).
 
 Departures and proposals (spec [I] items), all flagged:
 
+* ``score_positions="post_rope"`` (not the default) departs from the released code, which scores before
+  the rotary embedding (see above);
+* the predictor linears have no bias, as in the released ``PrunableAttnPredictor`` (its inference twin,
+  ``PrunableAttnPredictorInfer``, declares biases; predictors saved with biases by earlier versions of
+  this project still load);
 * batch size > 1 with padding (the released code supports batch 1): per-sample selection; pad blocks
   are never kept; a sample keeping fewer blocks than another fills the gap with masked filler slots;
 * a sequence whose length is not a multiple of ``block_size`` is padded for scoring (spec: "pad it");
@@ -119,12 +134,14 @@ class TokenElimination(PredictorCalibration, L.Callback):
     Args:
         block_size: tokens per block (paper: 64).
         keep_ratio: fraction of blocks kept in every sparsified layer (released code: 0.4).
-        dense_layers: layers that never eliminate; ``"auto"`` = the first half and the last layer.
+        dense_layers: layers that never eliminate; ``"auto"`` = layers ``0 .. n/2 - 2`` and the last one.
         layer_ratios: per-layer keep ratios overriding ``keep_ratio`` (``{layer: ratio}``).
         policy: ``"ratio"`` (top-k, deterministic memory) or ``"threshold"`` (the paper's form).
         thresholds: per-layer thresholds for ``policy="threshold"`` (default: calibrated means).
         scorer: ``"predictor"`` (paper's runtime path) or ``"exact"`` (reference; needs full Q K).
         symmetrize: add ``triu(B^T, 1)`` before the column sum of exact scores (released code).
+        score_positions: ``"pre_rope"`` (released code: queries and keys before the rotary embedding) or
+            ``"post_rope"`` (the rotated ones; a departure kept for parity), for every score and target.
         warmup_steps: dense optimizer steps before elimination (calibration steps always run dense,
             whatever this says).
         ramp_steps: steps over which the keep ratio falls linearly from 1 to its target.
@@ -151,6 +168,7 @@ class TokenElimination(PredictorCalibration, L.Callback):
         thresholds: dict[int, float] | None = None,
         scorer: str = "predictor",
         symmetrize: bool = True,
+        score_positions: str = "pre_rope",
         warmup_steps: int = 0,
         ramp_steps: int = 0,
         calibration_batches: int = 4,
@@ -177,6 +195,9 @@ class TokenElimination(PredictorCalibration, L.Callback):
             raise TokenEliminationError(f"policy={policy!r} is not one of 'ratio', 'threshold'.")
         if predictor_target not in ("released", "exact"):
             raise TokenEliminationError(f"predictor_target={predictor_target!r} is not one of 'released', 'exact'.")
+        if score_positions not in ("pre_rope", "post_rope"):
+            raise TokenEliminationError(f"score_positions={score_positions!r} is not one of 'pre_rope' (released "
+                                        "code), 'post_rope'.")
         if scorer not in ("predictor", "exact"):
             raise TokenEliminationError(f"scorer={scorer!r} is not one of 'predictor', 'exact'.")
         if dense_layers != "auto" and not isinstance(dense_layers, (list, tuple)):
@@ -191,6 +212,7 @@ class TokenElimination(PredictorCalibration, L.Callback):
         self.thresholds = {int(k): float(v) for k, v in thresholds.items()} if thresholds else None
         self.scorer = scorer
         self.symmetrize = bool(symmetrize)
+        self.score_positions = score_positions
         if int(warmup_steps) < 0 or int(ramp_steps) < 0:
             raise TokenEliminationError(f"warmup_steps={warmup_steps} and ramp_steps={ramp_steps} must be >= 0.")
         self.warmup_steps = int(warmup_steps)
@@ -244,7 +266,7 @@ class TokenElimination(PredictorCalibration, L.Callback):
         self._hf = hf
         self._layers = block_stacks(hf)[0]
         n_layers = len(self._layers)
-        dense = set(range(n_layers // 2)) | {n_layers - 1} if self.dense_layers == "auto" else set(self.dense_layers)
+        dense = default_dense_layers(n_layers) if self.dense_layers == "auto" else set(self.dense_layers)
         bad = sorted(i for i in list(dense) + list(self.layer_ratios) if not 0 <= i < n_layers)
         if bad:
             raise TokenEliminationError(
@@ -385,11 +407,15 @@ class TokenElimination(PredictorCalibration, L.Callback):
     def block_scores(self, layer: int, attn: AttentionParts, x: torch.Tensor, position_embeddings: tuple,
                      token_valid: torch.Tensor) -> torch.Tensor:
         """Runtime block scores of ``layer`` (fp32 ``[B, nb]``) from its normalised input ``x``."""
-        cos, sin = position_embeddings
+        cos, sin = self._score_rotary(position_embeddings)
         with torch.no_grad():
             if self.scorer == "exact":
                 return exact_block_scores(attn, x, cos, sin, self.block_size, token_valid, self.symmetrize)
             return self._predicted(layer, x, valid_blocks(token_valid, self.block_size))
+
+    def _score_rotary(self, position_embeddings: tuple) -> tuple:
+        """``(cos, sin)`` the scores are taken with: ``(None, None)`` (before the rotary embedding) by default."""
+        return (None, None) if self.score_positions == "pre_rope" else tuple(position_embeddings)
 
     def _predicted(self, layer: int, x: torch.Tensor, bvalid: torch.Tensor, predictors: dict | None = None
                    ) -> torch.Tensor:
@@ -419,26 +445,6 @@ class TokenElimination(PredictorCalibration, L.Callback):
         # a tensor: no host sync in the training step (read when logging)
         self.last_kept_fraction[layer] = tok_kept.sum() / token_valid.sum().clamp_min(1)
         return out[:, :n]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "predictors": self.predictor_state(),
-            "thresholds": {str(i): t for i, t in self.thresholds.items()} if self.thresholds is not None else None,
-            "calibrated_at": self._calibrated_at,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._hf is None:
-            self._pending_state = state_dict
-        else:
-            self._restore(state_dict)
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        self._load_predictor_state(state.get("predictors") or {}, source="the checkpoint")
-        if state.get("thresholds") is not None:
-            self.thresholds = {int(i): float(t) for i, t in state["thresholds"].items()}
-        self._calibrated_at = int(state.get("calibrated_at", 0))
-        # samples collected before an interruption are not saved: calibration restarts on the next batches
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -477,14 +483,10 @@ class TokenElimination(PredictorCalibration, L.Callback):
         if self.recall:
             pl_module.log("lemo/recall", sum(self.recall.values()) / len(self.recall), batch_size=_batch_size(batch))
 
-    def _agree(self, trainer: L.Trainer) -> None:
-        """Under DDP, every rank takes rank 0's predictors and thresholds."""
-        if trainer.world_size <= 1:
-            return
-        state = trainer.strategy.broadcast({"predictors": self.predictor_state(), "thresholds": self.thresholds},
-                                           src=0)
-        self._load_predictor_state(state["predictors"], source="rank 0")
-        self.thresholds = state["thresholds"]
+def default_dense_layers(n_layers: int) -> set[int]:
+    """The layers ``dense_layers="auto"`` keeps dense: ``0 .. n/2 - 2`` and the last one (spec §3.2; released
+    Llama code: ``layer_idx < 15`` and ``layer_idx == 31`` on 32 layers)."""
+    return set(range(n_layers // 2 - 1)) | {n_layers - 1}
 
 
 def _batch_size(batch: Any) -> int:
@@ -493,4 +495,4 @@ def _batch_size(batch: Any) -> int:
     return 1
 
 
-__all__ = ["FAMILIES", "NEEDS", "TokenElimination", "TokenEliminationError"]
+__all__ = ["FAMILIES", "NEEDS", "TokenElimination", "TokenEliminationError", "default_dense_layers"]

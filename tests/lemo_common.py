@@ -5,6 +5,9 @@ Tiny Llama (hidden 64, 4 heads, 2 KV heads, 4 layers, byte vocabulary), block si
 
 from __future__ import annotations
 
+import os
+
+import lightning as L
 import torch
 from helpers import cpu_threads
 
@@ -72,3 +75,33 @@ def lora_grads(module: CausalLM, batch) -> dict[str, torch.Tensor]:
     loss, _ = module.compute_loss(batch)
     loss.backward()
     return {n: p.grad.clone() for n, p in module.model.named_parameters() if p.requires_grad}
+
+
+class SelectionRecorder(L.Callback):
+    """Records on every rank, for each training step, the batch, the model's state at the step's start and the
+    blocks :class:`TokenElimination` kept per layer; written to ``out_dir/rank{r}.pt`` at the end of fit (the
+    DDP test replays each rank's steps in one process and compares)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.steps: list[dict] = []
+
+    @staticmethod
+    def _eliminator(trainer) -> TokenElimination:
+        return next(cb for cb in trainer.callbacks if isinstance(cb, TokenElimination))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._eliminator(trainer).selection_log = []
+        self.steps.append({"step": trainer.global_step,
+                           "batch": {k: v.detach().cpu() for k, v in batch.items() if isinstance(v, torch.Tensor)},
+                           "state": {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        cb = self._eliminator(trainer)
+        self.steps[-1]["kept"] = {str(layer): (idx[:, ::cb.block_size] // cb.block_size).cpu()
+                                  for layer, idx in cb.selection_log}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        os.makedirs(self.out_dir, exist_ok=True)
+        torch.save({"steps": self.steps, "eliminator": self._eliminator(trainer).state_dict()},
+                   os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))

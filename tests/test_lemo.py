@@ -108,12 +108,13 @@ def test_keep_count_order_and_dense_layers(ratio):
 def test_default_layers_and_pad_blocks_never_kept():
     module = tiny()
     cb = TokenElimination(block_size=BLOCK, scorer="exact", warmup_steps=0).attach(module.model)
-    assert sorted(cb._sparse) == [2] and cb._sparse[2] == 0.4  # first half + last layer dense
+    assert sorted(cb._sparse) == [1, 2] and cb._sparse[1] == cb._sparse[2] == 0.4  # layers 0..n/2-2 + last dense
     cb.selection_log = []
     batch = lm_batch(pad_from=13)  # sample 1: 13 real tokens = blocks 0..3 (block 3 partly pad)
     module.compute_loss(batch)
-    (_, idx), = cb.selection_log
-    assert idx.shape[1] == 3 * BLOCK  # floor(0.4 * 8) for the unpadded sample
+    assert [layer for layer, _ in cb.selection_log] == [1, 2]
+    for _, idx in cb.selection_log:
+        assert idx.shape[1] == 3 * BLOCK  # floor(0.4 * 8) for the unpadded sample
     real = cb.last_kept_fraction[2]
     assert 0 < real < 1
     sel = select_blocks(torch.arange(8.0).repeat(2, 1), torch.tensor([[True] * 8, [True] * 4 + [False] * 4]),
@@ -208,12 +209,25 @@ def test_kept_tokens_ignore_eliminated_tokens():
 
 
 def masked_reference(attn, x, pe, keep_mask):
-    """Full attention where eliminated keys are masked out (-inf) and eliminated rows output 0."""
+    """Independent reference: the model's own *eager* attention (transformers' q/k/v projections, its
+    ``apply_rotary_pos_emb`` over the full sequence, i.e. at the original positions, and its softmax), over
+    all tokens, with an additive block mask equivalent to the elimination: a kept token sees the kept tokens
+    at or before it; eliminated rows (which see only themselves) output 0."""
     n = x.shape[1]
+    assert attn.config._attn_implementation == "eager"
     allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & keep_mask[:, None, :]
     allowed = allowed | torch.eye(n, dtype=torch.bool)[None]
-    out, _ = LlamaAttention.forward(attn, x, position_embeddings=pe, attention_mask=allowed[:, None])
+    mask = torch.zeros(allowed.shape, dtype=x.dtype).masked_fill(~allowed, torch.finfo(x.dtype).min)
+    out, weights = LlamaAttention.forward(attn, x, position_embeddings=pe, attention_mask=mask[:, None])
+    # the reference really is the masked one: kept queries put no probability on eliminated keys
+    gone = (~keep_mask)[:, None, None, :] & keep_mask[:, None, :, None]
+    assert float(weights.masked_select(gone).abs().max()) == 0.0
     return out * keep_mask[:, :, None]
+
+
+def eager(module: CausalLM) -> CausalLM:
+    unwrap_hf(module.model).set_attn_implementation("eager")
+    return module
 
 
 def keep_mask_of(scores=SCORES):
@@ -224,7 +238,7 @@ def keep_mask_of(scores=SCORES):
 
 
 def test_rope_uses_original_positions():
-    module = tiny()
+    module = eager(tiny())
     batch = lm_batch()
     attn, x, pe = layer_inputs(module, batch, 2)
     FixedScores(SCORES, keep_ratio=0.5, dense_layers=[0, 1, 3]).attach(module.model)
@@ -246,7 +260,7 @@ def test_rope_uses_original_positions():
 
 
 def test_backward_matches_masked_reference_and_no_gradient_through_eliminated_rows():
-    module = tiny()
+    module = eager(tiny())
     batch = lm_batch()
     cb = FixedScores(SCORES, keep_ratio=0.5, dense_layers=[0, 1, 3]).attach(module.model)
     got = lora_grads(module, batch)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from lemo_common import ATTN_LORA, BLOCK, B, N, lm_batch, tiny
+from lemo_common import ATTN_LORA, BLOCK, B, N, layer_inputs, lm_batch, tiny
 
 from lightning_peft import CausalLM
 from lightning_peft.architectures import attention_parts
@@ -53,9 +53,9 @@ def test_predictor_shape_and_training_reduces_the_loss():
 def test_elastic_pruning_removes_only_dead_neurons_and_keeps_the_function():
     torch.manual_seed(0)
     pred = BlockPredictor(64, 4, BLOCK, h1=32, h2=24)
-    with torch.no_grad():
-        pred.q[0].bias[:5] = -1e4  # dead: always <= 0 before the ReLU
-        pred.k[2].bias[3:6] = -1e4
+    with torch.no_grad():  # the linears have no bias (released code): a zero weight row is dead, always 0
+        pred.q[0].weight[:5] = 0.0
+        pred.k[2].weight[3:6] = 0.0
     x = torch.randn(3, N, 64)
 
     def measure():
@@ -175,14 +175,14 @@ def test_exact_predictor_target(tmp_path):
         module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     handle.remove()
     x, target, bvalid, exact = cb._collect[2][0]
-    cos, sin = captured["position_embeddings"]
     valid = batch["attention_mask"].bool()
     parts = attention_parts(module.model, 2)
-    matrix = exact_block_matrix(parts, captured["hidden_states"], cos, sin, BLOCK, valid)
+    # scores before the rotary embedding (score_positions="pre_rope", the default): no cos/sin
+    matrix = exact_block_matrix(parts, captured["hidden_states"], None, None, BLOCK, valid)
     torch.testing.assert_close(target, matrix)  # the exact (causal, 1/sqrt(d)) matrix, not the released /16 one
     assert torch.equal(target.triu(1), torch.zeros_like(target))
     for sym in (True, False):  # a perfect predictor reproduces the exact scores on valid blocks
-        want = exact_block_scores(parts, captured["hidden_states"], cos, sin, BLOCK, valid, sym)
+        want = exact_block_scores(parts, captured["hidden_states"], None, None, BLOCK, valid, sym)
         got = predicted_block_scores(matrix + matrix.transpose(-1, -2).triu(1) * 5, bvalid, exact_target=True,
                                      symmetrize=sym)  # garbage above the diagonal must be ignored
         torch.testing.assert_close(got[bvalid], want[bvalid])
@@ -211,3 +211,70 @@ def test_causal_predictor_training_ignores_the_upper_triangle():
         train_predictors({0: pred}, {0: [(x, t, bvalid)]}, steps=20, progress=False, causal=True)
         preds.append(pred(x))
     torch.testing.assert_close(preds[0], preds[1])
+
+
+# ------------------------------------------------------------------------------ recall on a known task
+
+MARKERS = range(200, 260)  # token ids whose keys every query attends to (by construction below)
+
+
+def marked_model() -> CausalLM:
+    """A tiny Llama whose layer 0 attends, in every head and from every query, to marker tokens only.
+
+    Embeddings share a constant feature 1 and marker tokens add a large feature 0; layer 0's q_proj reads
+    feature 1 and its k_proj feature 0 (into the first dimension of every head), so before the rotary
+    embedding ``q_i . k_j`` is large exactly when token ``j`` is a marker. The informative blocks of layer 0
+    are therefore known: those holding a marker.
+    """
+    module = CausalLM("tiny-llama", head=LoRA(r=4, target_modules=ATTN_LORA), backbone_config={"num_hidden_layers": 4})
+    layer = unwrap_hf(module.model).model.layers[0]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        emb = unwrap_hf(module.model).model.embed_tokens.weight
+        emb.copy_(0.02 * torch.randn(emb.shape, generator=g))
+        emb[:, 1] = 1.0
+        emb[list(MARKERS), 0] = 3.0
+        layer.input_layernorm.weight.fill_(1.0)
+        wq, wk = layer.self_attn.q_proj.base_layer.weight, layer.self_attn.k_proj.base_layer.weight
+        wq.zero_()
+        wk.zero_()
+        wq[0::16, 1] = 1.0  # every query head: feature 1
+        wk[0::16, 0] = 1.0  # every key head: feature 0
+    return module.train()
+
+
+def marked_batch(seed: int, n_marked: int = 3) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A batch with one marker token at a random offset in ``n_marked`` random blocks of each sample."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 200, (B, N), generator=g)
+    marked = torch.zeros(B, N // BLOCK, dtype=torch.bool)
+    for s in range(B):
+        blocks = torch.randperm(N // BLOCK, generator=g)[:n_marked]
+        marked[s, blocks] = True
+        for blk in blocks.tolist():
+            ids[s, blk * BLOCK + int(torch.randint(BLOCK, (1,), generator=g))] = int(
+                torch.randint(MARKERS.start, MARKERS.stop, (1,), generator=g))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, marked
+
+
+def test_trained_predictors_find_the_informative_blocks_far_above_chance():
+    module = marked_model()
+    cb = TokenElimination(block_size=BLOCK, keep_ratio=0.4, dense_layers=[1, 2, 3], calibration_batches=12,
+                          predictor_steps=100, predictor_lr=1e-2, predictor_hidden=[32, 32], symmetrize=False)
+    cb.calibrate(module.model, [marked_batch(seed)[0] for seed in range(12)], progress=False)
+    keep = int(0.4 * (N // BLOCK))  # 3 of 8 blocks: exactly the marked ones would be perfect
+    chance = keep / (N // BLOCK)
+    exact = TokenElimination(block_size=BLOCK, scorer="exact", symmetrize=False)  # scores only, not attached
+    hits, exact_hits = [], []
+    for seed in range(100, 106):  # held out: new marker placements
+        batch, marked = marked_batch(seed)
+        _, x, pe = layer_inputs(module, batch, 0)
+        valid = torch.ones(B, N, dtype=torch.bool)
+        for scorer, out in ((cb, hits), (exact, exact_hits)):
+            scores = scorer.block_scores(0, cb._parts[0], x, pe, valid)
+            top = scores.topk(keep, dim=-1).indices
+            out.append(torch.gather(marked, 1, top).float().mean())
+    assert float(torch.stack(exact_hits).mean()) == 1.0  # the construction: the exact scorer finds them all
+    recall = float(torch.stack(hits).mean())
+    assert recall >= 0.9 > chance + 0.5, (recall, chance)
+    assert cb.recall[0] >= 0.9  # the callback's own held-out report agrees

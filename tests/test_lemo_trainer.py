@@ -122,19 +122,29 @@ def test_warmup_and_ramp_schedule():
     assert got[5] == got[7] == (None, 0.5, 0.25)
 
 
+DDP_ELIMINATION = {"block_size": 4, "keep_ratio": 0.5, "dense_layers": [0], "calibration_batches": 2,
+                   "predictor_steps": 20, "predictor_hidden": [16, 32]}
+
+
 @pytest.mark.ddp
 def test_token_elimination_ddp_two_cpu_ranks_identical(tmp_path):
+    """2-process CLI run with the default logger. DDP keeps parameters equal whatever each rank selects, so the
+    test compares decisions: both ranks eliminate at the same steps in the same layers with rank 0's
+    predictors, and every kept block on either rank is what a single process selects on that rank's batch
+    from the model state the step started with."""
+    init = ", ".join(f"{k}: {v}" for k, v in DDP_ELIMINATION.items())
     extra = tmp_path / "extra.yaml"
     extra.write_text(
         "model:\n  init_args:\n    backbone_config: {num_hidden_layers: 4}\n"
         "    head:\n      class_path: lightning_peft.heads.LoRA\n"
-        "      init_args: {r: 4, target_modules: [q_proj, k_proj, v_proj, o_proj]}\n"
+        "      init_args: {r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, k_proj, v_proj, o_proj]}\n"
         "trainer:\n  callbacks:\n"
         "    - class_path: lightning_peft.callbacks.TokenElimination\n"
-        "      init_args: {block_size: 4, keep_ratio: 0.5, dense_layers: [0], calibration_batches: 2,"
-        " predictor_steps: 20, predictor_hidden: [16, 32]}\n"
+        f"      init_args: {{{init}}}\n"
         "    - class_path: helpers.DumpTrainable\n"
         f"      init_args: {{out_dir: {tmp_path / 'dump'}}}\n"
+        "    - class_path: lemo_common.SelectionRecorder\n"
+        f"      init_args: {{out_dir: {tmp_path / 'selections'}}}\n"
     )
     args = ["--config", str(REPO / "examples" / "quickstart.yaml"), "--config", str(extra),
             "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
@@ -142,6 +152,7 @@ def test_token_elimination_ddp_two_cpu_ranks_identical(tmp_path):
             "--trainer.default_root_dir", str(tmp_path / "run"), "--data.init_args.num_train", "256",
             "--data.init_args.batch_size", "8", "--trainer.val_check_interval", "1.0"]
     r0, r1 = run_cli_ranks(args, tmp_path, tmp_path / "dump")
+    assert glob.glob(str(tmp_path / "run" / "lightning_logs" / "version_0" / "*")), "the default logger wrote nothing"
     assert r0["step"] == r1["step"] == 5
     for name in r0["params"]:
         assert torch.equal(r0["params"][name], r1["params"][name]), f"ranks differ on {name}"
@@ -153,6 +164,30 @@ def test_token_elimination_ddp_two_cpu_ranks_identical(tmp_path):
             assert torch.equal(p0[layer][k], p1[layer][k]), "ranks use different predictors"
     lora_moved = [n for n in r0["trainable"] if "lora_B" in n and r0["params"][n].abs().sum() > 0]
     assert lora_moved
+
+    # the decisions: same schedule on both ranks (steps 0-1 calibrate densely, 2-4 eliminate in layers 1-3)
+    s0, s1 = (torch.load(tmp_path / "selections" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for rank in (s0, s1):
+        assert [(s["step"], sorted(s["kept"])) for s in rank["steps"]] == (
+            [(0, []), (1, [])] + [(step, ["1", "2", "3"]) for step in (2, 3, 4)])
+    assert not torch.equal(s0["steps"][2]["batch"]["input_ids"], s1["steps"][2]["batch"]["input_ids"])
+    # ... and each rank's kept blocks are what one process selects on its batch with rank 0's predictors
+    module = _module(LoRA(r=4, alpha=8, dropout=0.0, target_modules=ATTN)).train()
+    replay = TokenElimination(**DDP_ELIMINATION)
+    replay.load_state_dict(s0["eliminator"])
+    replay.attach(module.model)
+    for rank in (s0, s1):
+        for record in rank["steps"][2:]:
+            module.model.load_state_dict(record["state"])
+            replay.set_step(record["step"])
+            replay.selection_log = []
+            with torch.no_grad():
+                module.compute_loss(record["batch"])
+            block = replay.block_size
+            got = {str(layer): idx[:, ::block] // block for layer, idx in replay.selection_log}
+            assert sorted(got) == sorted(record["kept"])
+            for layer, kept in record["kept"].items():
+                assert torch.equal(got[layer], kept), f"step {record['step']} layer {layer}: rank kept other blocks"
 
 
 def test_long_context_example_runs(tmp_path):
@@ -167,5 +202,5 @@ def test_long_context_example_runs(tmp_path):
           "--trainer.callbacks.init_args.predictor_steps", "10"])
     ckpt = torch.load(glob.glob(str(root / "**" / "last.ckpt"), recursive=True)[0], weights_only=True)
     state = next(v for k, v in ckpt["callbacks"].items() if "TokenElimination" in k)
-    assert sorted(state["predictors"]["weights"]) == ["4", "5", "6"]
+    assert sorted(state["predictors"]["weights"]) == ["3", "4", "5", "6"]  # 8 layers: 0-2 and 7 dense
     assert ckpt["global_step"] == 3
