@@ -13,7 +13,7 @@ and stepped alternately, one step each in rotating order, in one process):
   ``--loss-eval`` held-out sequences evaluated dense before and after training (the paper's protocol:
   train with elimination, evaluate with full attention).
 
-Elimination uses the default policy (first half and last layer dense, keep 40% of the 64-token blocks
+Elimination uses the default policy (layers 0..n/2-2 and the last layer dense, keep 40% of the 64-token blocks
 elsewhere, predictor scorer); its predictors are calibrated first, untimed, on separate sequences
 (the held-out recall is printed).
 
