@@ -81,8 +81,8 @@ def _config(tmp_path, pruner_args: dict | None = None) -> str:
                     "enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 0,
                     "num_sanity_val_steps": 0, "default_root_dir": str(tmp_path / "run")},
         "model": {"class_path": "lightning_peft.CausalLM",
-                  "init_args": {"backbone": "tiny-llama",
-                                "head": {"class_path": "lightning_peft.heads.LoRA", "init_args": {"r": 4, "alpha": 8}}}},
+                  "init_args": {"backbone": "tiny-llama", "head": {"class_path": "lightning_peft.heads.LoRA",
+                                                                   "init_args": {"r": 4, "alpha": 8}}}},
         "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
         "data": {"class_path": "lightning_peft.datamodules.SFTDataModule",
                  "init_args": {"train_file": str(data), "prompt_template": "Q: {instruction}\nA: ",
@@ -130,7 +130,8 @@ def test_command_builds_the_cache_next_to_the_data_and_training_with_it_matches_
             def on_train_batch_end(self, trainer, *args):
                 rel.append(float(trainer.callback_metrics["pruning/rel_mean"]))
 
-        cpu_trainer(tmp_path / "fit", max_steps=4, callbacks=[Rel()]).fit(module, datamodule=_datamodule(config, pruner))
+        trainer = cpu_trainer(tmp_path / "fit", max_steps=4, callbacks=[Rel()])
+        trainer.fit(module, datamodule=_datamodule(config, pruner))
         return rel, {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 
     rel_cache, state_cache = fit(SSToken(gamma=1.0, rho=0.5, rel_warmup_fraction=0.0, history_cache=path))
