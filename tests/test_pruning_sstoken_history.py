@@ -65,6 +65,30 @@ def test_adapter_history_fast_path_equals_full_logits_of_the_base():
     assert (_hand_losses(current, batch["labels"]) - want).abs().max() > 1e-3  # the adapter matters here
 
 
+@pytest.mark.parametrize("model_type", ["gemma", "gpt2", "gpt_neox", "mistral", "opt", "phi3", "qwen2", "qwen3"])
+def test_fast_history_equals_full_logits_on_every_claimed_family(model_type):
+    """The fast history pass on each other family SSToken claims: the base model's full-logits losses to 1e-5,
+    with the LM head applied to the response positions only."""
+    from test_family_matrix import _module
+
+    from lightning_peft.architectures import lm_head
+
+    module = _randomised(_module(model_type), seed=5).train()
+    batch = padded_batch(None, seed=3)
+    base = copy.deepcopy(module.model).unload().eval()
+    with torch.no_grad():
+        want = _hand_losses(base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                            batch["labels"])
+    rows = []
+    handle = lm_head(module.model).register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+    try:
+        got = SSToken().history_losses(module, batch)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert rows == [int((batch["labels"][:, 1:] != -100).sum())]
+
+
 # ------------------------------------------------------------------------------ the offline cache
 ROWS = [{"instruction": f"add {a} and {b}", "output": str(a + b)} for a, b in
         [(1, 2), (13, 4), (20, 22), (7, 7), (100, 5), (9, 0), (31, 31), (2, 50), (64, 1), (8, 80), (5, 5), (40, 2)]]

@@ -124,9 +124,11 @@ def check_model(cache: dict[str, Any], path: str, module: Any) -> None:
 
 def lookup(cache: dict[str, Any], path: str, batch: dict[str, Any]) -> torch.Tensor:
     """Label-aligned history losses (B, S) of ``batch`` from ``cache``; 0 on padding."""
-    ids, labels = batch["input_ids"], batch["labels"]
-    mask = batch.get("attention_mask", torch.ones_like(ids)).bool()
-    out = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    device = batch["labels"].device
+    ids, labels = batch["input_ids"].cpu(), batch["labels"].cpu()  # one transfer each, then host work
+    mask = batch["attention_mask"].cpu().bool() if batch.get("attention_mask") is not None else torch.ones_like(
+        ids, dtype=torch.bool)
+    out = torch.zeros(labels.shape, dtype=torch.float32)
     losses = cache["losses"]
     for b in range(ids.shape[0]):
         value = losses.get(sample_key(ids[b][mask[b]], labels[b][mask[b]]))
@@ -134,8 +136,8 @@ def lookup(cache: dict[str, Any], path: str, batch: dict[str, Any]) -> torch.Ten
             raise HistoryCacheMiss(f"SSToken's history cache {path!r} has no entry for a training sample (the data, "
                                    f"its template or max_length changed); rebuild it with "
                                    f"{rebuild_hint(cache.get('config'))}.")
-        out[b, mask[b]] = value.to(out.device, torch.float32)
-    return out
+        out[b, mask[b]] = value.float()
+    return out.to(device, non_blocking=True)
 
 
 def write_cache(path: str, losses: dict[str, torch.Tensor], module: Any, rows_key: str | None,
@@ -180,6 +182,7 @@ def build(module: Any, rows: list[dict[str, Any]], collate: Any, path: str, batc
     the number of samples written."""
     from tqdm.auto import tqdm
 
+    from .scoring import precision_context
     from .sstoken import SSToken
 
     pruner = SSToken(history="auto", rel_warmup_fraction=0.0)
@@ -193,7 +196,8 @@ def build(module: Any, rows: list[dict[str, Any]], collate: Any, path: str, batc
     for start in range(0, len(order), batch_size):
         chunk = [rows[i] for i in order[start:start + batch_size]]
         batch = {k: v.to(device) for k, v in collate(chunk).items()}
-        hist = pruner.online_history(module, batch, "adapter" if mode == "adapter" else "self")
+        with precision_context(module, None, context):  # the training forward's precision, as online
+            hist = pruner.online_history(module, batch, "adapter" if mode == "adapter" else "self")
         mask = batch["attention_mask"].bool()
         for b, row in enumerate(chunk):
             losses[sample_key(row["input_ids"], row["labels"])] = hist[b][mask[b]].cpu()
