@@ -191,9 +191,11 @@ class SSToken(BatchPruner, TokenSelector):
     Args:
         gamma: weight of the excess loss (1: REL only, 0: attention only); paper default 0.5.
         rho: share of each sample's response tokens kept, in (0, 1]; paper default 0.6.
-        rel_warmup_fraction: share of the first epoch's optimizer steps that use gamma = 0
-            (attention only; REL is ~0 while the model is still the base). 0 disables it.
-        rel_warmup_steps: an explicit number of warm-up optimizer steps (overrides the fraction).
+        rel_warmup_fraction: share of each epoch's optimizer steps, at its start, that use gamma = 0
+            (attention only; REL is ~0 while the model is still the base; the released flag resets every
+            epoch). 0 disables it.
+        rel_warmup_steps: an explicit number of warm-up optimizer steps at the start of each epoch
+            (overrides the fraction).
         history: ``"auto"`` (``"adapter"`` with a PEFT head, else ``"copy"``), ``"adapter"``, ``"copy"``
             or ``"cache"``.
         history_cache: a file written by ``lightning-peft sstoken-history --config <config>`` (or
