@@ -28,6 +28,8 @@ Memory is measured two ways, both reflecting activations on CPU:
 
     python benchmarks/long_context.py                 # tiny
     python benchmarks/long_context.py smollm2 --loss-steps 100
+    python benchmarks/long_context.py smollm2 --loss-only --loss-steps 60 --lr 2e-5 --warmup 20 \
+        --rope-factor 2 --eval-lengths 2048 4096          # the paper's protocol (issue 12)
     python benchmarks/long_context.py smollm2 --init-sweep    # the approximation's loss at init, per policy
 """
 
@@ -57,15 +59,40 @@ TINY = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 8, "n
 VARIANTS = ("dense", "segmented loss", "segmented + elimination")
 
 
-def build(setting: str, variant: str, segment: int) -> CausalLM:
+def rope_overrides(setting: str, factor: float | None) -> dict | None:
+    """Config overrides for linear RoPE scaling by ``factor`` (position interpolation, the released
+    recipe's "linear scaling to the target length"); None keeps the model's own RoPE."""
+    if not factor or factor == 1:
+        return None
+    if setting == "tiny":
+        theta = 10000.0
+    else:
+        from transformers import AutoConfig
+
+        from lightning_peft.backbones import resolve_spec
+
+        where, gguf = resolve_spec("smollm2-135m-instruct-gguf")
+        theta = AutoConfig.from_pretrained(where, gguf_file=gguf).rope_parameters["rope_theta"]
+    return {"rope_parameters": {"rope_type": "linear", "factor": float(factor), "rope_theta": theta}}
+
+
+def build(setting: str, variant: str, segment: int, lr: float | None = None,
+          rope_factor: float | None = None) -> CausalLM:
+    """``lr`` None: the timing runs' AdamW (2e-4 SmolLM2, 1e-3 tiny, betas 0.9/0.999); a value: the
+    released recipe's Adam betas (0.9, 0.95), no weight decay (the warm-up is the Runner's)."""
     torch.manual_seed(0)
     objective = TokenCrossEntropy(segment_size=segment) if variant != "dense" else TokenCrossEntropy()
     head = LoRA(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    rope = rope_overrides(setting, rope_factor)
     if setting == "tiny":
-        module = CausalLM("tiny-llama", head=head, objective=objective, backbone_config=TINY)
+        module = CausalLM("tiny-llama", head=head, objective=objective, backbone_config={**TINY, **(rope or {})})
     else:
-        module = CausalLM("smollm2-135m-instruct-gguf", head=head, objective=objective, dtype="float32")
-    module.set_optimizer("torch.optim.AdamW", lr=2e-4 if setting == "smollm2" else 1e-3)
+        module = CausalLM("smollm2-135m-instruct-gguf", head=head, objective=objective, dtype="float32",
+                          backbone_config=rope)
+    if lr is None:
+        module.set_optimizer("torch.optim.AdamW", lr=2e-4 if setting == "smollm2" else 1e-3)
+    else:
+        module.set_optimizer("torch.optim.AdamW", lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     return module.train()
 
 
@@ -112,9 +139,12 @@ class Runner:
     """One variant: its module, optimizer and (for elimination) callback, stepped by hand."""
 
     def __init__(self, setting: str, variant: str, segment: int, length: int, calibration: int,
-                 keep: float = 0.4, scorer: str = "predictor") -> None:
-        self.module = build(setting, variant, segment)
+                 keep: float = 0.4, scorer: str = "predictor", lr: float | None = None,
+                 warmup: int = 0, rope_factor: float | None = None) -> None:
+        self.module = build(setting, variant, segment, lr, rope_factor)
         self.opt = self.module.configure_optimizers()
+        # constant learning rate after a linear warm-up of ``warmup`` steps (the released recipe: 20)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
         self.cb = None
         if "elimination" in variant:
             self.cb = eliminator(self.module, setting, length, calibration, keep, scorer)
@@ -133,6 +163,7 @@ class Runner:
         loss, _ = self.module.compute_loss(batch)
         loss.backward()
         self.opt.step()
+        self.schedule.step()
         self.opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
@@ -194,6 +225,13 @@ def main() -> None:
     ap.add_argument("--loss-keep", type=float, nargs="+", default=[0.4], help="keep ratios compared in the loss run")
     ap.add_argument("--loss-scorer", default="predictor", choices=["predictor", "exact"], help="loss run scorer")
     ap.add_argument("--loss-eval", type=int, default=4, help="held-out sequences evaluated dense before/after")
+    ap.add_argument("--eval-lengths", type=int, nargs="+", default=None,
+                    help="held-out sequence lengths in the loss run (default: the training length)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="loss run: AdamW lr with the released betas (0.9, 0.95); released recipe 2e-5")
+    ap.add_argument("--warmup", type=int, default=0, help="loss run: linear warm-up steps (released recipe 20)")
+    ap.add_argument("--rope-factor", type=float, default=None,
+                    help="loss run: linear RoPE scaling factor (position interpolation) in training and evaluation")
     ap.add_argument("--init-sweep", action="store_true",
                     help="only the loss of the untrained model under several selections (exact keep ratios, random)")
     ap.add_argument("--sweep-sequences", type=int, default=2, help="sequences averaged in --init-sweep")
@@ -305,37 +343,53 @@ def init_sweep(args) -> None:
 
 
 def loss_run(args, tokenizer) -> None:
-    """Dense vs segmented + elimination trained side by side (one step each, alternating) on the same
-    sequences; prints the running comparison every 10 steps, so a cut-short run still reports."""
+    """Plain LoRA (dense) vs LoRA + segmented loss + elimination trained side by side (one step each,
+    alternating) on the same sequences; prints the running comparison every 10 steps, so a cut-short run
+    still reports. Held-out loss: ``--loss-eval`` other sequences at every ``--eval-lengths`` length,
+    evaluated dense (eval mode) before and after training: the paper's protocol (train with elimination,
+    evaluate with full attention)."""
     length = args.loss_length or args.length
     source = types.SimpleNamespace(tokenizer=tokenizer)
     train = sequences(args.setting, source, args.loss_steps, length, seed=7)
-    held = sequences(args.setting, source, args.loss_eval, length, seed=23) if args.loss_eval else []
-    runs = {"dense": Runner(args.setting, "dense", args.segment, length, args.calibration)}
+    eval_lengths = args.eval_lengths or [length]
+    held = {n: sequences(args.setting, source, args.loss_eval, n, seed=23) for n in eval_lengths if args.loss_eval}
+    kw = {"lr": args.lr, "warmup": args.warmup, "rope_factor": args.rope_factor}
+    runs = {"plain LoRA (dense)": Runner(args.setting, "dense", args.segment, length, args.calibration, **kw)}
     for keep in args.loss_keep:
-        runs[f"elimination keep {keep:g} ({args.loss_scorer})"] = Runner(
-            args.setting, "segmented + elimination", args.segment, length, args.calibration, keep, args.loss_scorer)
-    held_before = runs["dense"].eval_loss(held) if held else float("nan")  # identical weights in every variant
+        runs[f"LoRA + elimination keep {keep:g} ({args.loss_scorer})"] = Runner(
+            args.setting, "segmented + elimination", args.segment, length, args.calibration, keep, args.loss_scorer,
+            **kw)
+    dense = next(iter(runs))
+    # identical weights in every variant before training
+    held_before = {n: runs[dense].eval_loss(b) for n, b in held.items()}
+    print("held-out loss before training (dense): "
+          + ", ".join(f"{n} tokens {v:.4f}" for n, v in held_before.items()), flush=True)
     losses: dict[str, list[float]] = {v: [] for v in runs}
     for i, batch in enumerate(train):
         for v, runner in runs.items():
             losses[v].append(runner.step(batch))
         if (i + 1) % 10 == 0 or i + 1 == len(train):
-            d = statistics.mean(losses["dense"][-10:])
+            d = statistics.mean(losses[dense][-10:])
             print(f"step {i + 1}: mean training loss of the last 10 steps: " + ", ".join(
                 f"{v} {statistics.mean(x[-10:]):.4f} ({statistics.mean(x[-10:]) / d - 1:+.1%})"
                 for v, x in losses.items()), flush=True)
-    held_after = {v: r.eval_loss(held) if held else float("nan") for v, r in runs.items()}
-    print(f"\nloss run: {len(train)} steps of 1 x {length} tokens (a new sequence each step, the same ones for "
-          f"every variant); held-out loss: {len(held)} other sequences, evaluated dense (eval mode)")
-    print(f"| variant | training loss, step 1 | training loss, mean of steps {len(train) - 9}-{len(train)} | vs dense "
-          f"| held-out loss before | held-out loss after | vs dense |")
-    print("|---|---|---|---|---|---|---|")
-    d, hd = statistics.mean(losses["dense"][-10:]), held_after["dense"]
+    held_after = {v: {n: r.eval_loss(b) for n, b in held.items()} for v, r in runs.items()}
+    rope = f"linear RoPE scaling x{args.rope_factor:g}" if args.rope_factor and args.rope_factor != 1 else "native RoPE"
+    lr = (f"AdamW lr {args.lr:g}, betas (0.9, 0.95), constant after {args.warmup} warm-up steps" if args.lr
+          else "AdamW lr 2e-4 (timing-run optimizer)")
+    print(f"\nloss run: {len(train)} steps of 1 x {length} tokens (a new sequence each step, the same ones for every "
+          f"variant); {lr}; {rope} in training and evaluation; held-out: {args.loss_eval} other sequences per length, "
+          "evaluated dense (eval mode)")
+    cols = "".join(f" | held-out {n}: before | after | vs plain" for n in eval_lengths)
+    print(f"| variant | training loss, step 1 | mean of steps {max(1, len(train) - 9)}-{len(train)} | vs plain{cols} |")
+    print("|---" * (4 + 3 * len(eval_lengths)) + "|")
+    d = statistics.mean(losses[dense][-10:])
     for v in runs:
         t = statistics.mean(losses[v][-10:])
-        print(f"| {v} | {losses[v][0]:.4f} | {t:.4f} | {t / d - 1:+.1%} | {held_before:.4f} | {held_after[v]:.4f} "
-              f"| {held_after[v] / hd - 1:+.1%} |")
+        cells = "".join(f" | {held_before[n]:.4f} | {held_after[v][n]:.4f} | "
+                        f"{held_after[v][n] / held_after[dense][n] - 1:+.1%}" for n in eval_lengths)
+        print(f"| {v} | {losses[v][0]:.4f} | {t:.4f} | {t / d - 1:+.1%}{cells} |")
+
 
 if __name__ == "__main__":
     main()

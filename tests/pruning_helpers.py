@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lightning_peft import CausalLM
+from lightning_peft.datamodules.pruning import QTuning, SSToken
 from lightning_peft.heads import LoRA
 from lightning_peft.objectives import TokenSelector
 
@@ -65,3 +66,87 @@ def train_forward_selection(module, pruner, batch):
         module.token_selector = None
     weights, stats = seen["out"]
     return out, weights, stats
+
+
+# ------------------------------------------------------------------------------------- recording pruners
+class _Recording:
+    """A pruner that also writes, on every training call of every rank, what it decided from what: the
+    input batch, the trainable state it scored with, its context (plain values) and its selection (the
+    pruned batch's ``input_ids`` / ``labels`` / ``token_weights``; an ``SSToken``'s token weights from
+    ``select_tokens``) to ``<out_dir>/rank<r>_call<n>.pt``. The decisions are the parent class's own."""
+
+    def __init__(self, out_dir: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.out_dir = out_dir
+        self._recorded_calls = 0
+        self._recorded: dict | None = None
+
+    @staticmethod
+    def _rank() -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    def _write(self) -> None:
+        import os
+
+        os.makedirs(self.out_dir, exist_ok=True)
+        torch.save(self._recorded, os.path.join(self.out_dir, f"rank{self._rank()}_call{self._recorded_calls}.pt"))
+        self._recorded_calls += 1
+
+    def __call__(self, batch, model=None):
+        ctx = self.context
+        self._recorded = {
+            "batch": {k: v.detach().cpu().clone() for k, v in batch.items() if isinstance(v, torch.Tensor)},
+            "state": {n: p.detach().cpu().clone() for n, p in model.model.named_parameters() if p.requires_grad},
+            "context": {k: getattr(ctx, k) for k in ("precision", "global_step", "epoch", "num_training_batches",
+                                                     "accumulate_grad_batches")},
+        }
+        out = super().__call__(batch, model=model)
+        self._recorded["output"] = {k: out[k].detach().cpu().clone() for k in ("input_ids", "labels", "token_weights")
+                                  if isinstance(out.get(k), torch.Tensor)}
+        if not isinstance(self, TokenSelector):
+            self._write()
+        return out
+
+    def select_tokens(self, token_loss, batch):
+        result = super().select_tokens(token_loss, batch)
+        if result is not None and self._recorded is not None:
+            self._recorded["output"]["token_weights"] = result[0].detach().cpu().clone()
+            self._write()
+            self._recorded = None
+        return result
+
+
+class RecordingQTuning(_Recording, QTuning):
+    def __init__(self, out_dir: str, sample_ratio: float = 0.25, token_ratio: float = 0.5) -> None:
+        super().__init__(out_dir, sample_ratio=sample_ratio, token_ratio=token_ratio)
+
+
+class RecordingSSToken(_Recording, SSToken):
+    def __init__(self, out_dir: str, gamma: float = 0.5, rho: float = 0.6) -> None:
+        super().__init__(out_dir, gamma=gamma, rho=rho)
+
+
+def load_records(out_dir, rank: int) -> list[dict]:
+    """The records one rank's recording pruner wrote, in call order."""
+    from pathlib import Path
+
+    files = sorted(Path(out_dir).glob(f"rank{rank}_call*.pt"), key=lambda p: int(p.stem.split("call")[1]))
+    return [torch.load(f, weights_only=True) for f in files]
+
+
+def replay(pruner, module, record) -> tuple[dict, torch.Tensor]:
+    """``pruner``'s decision, in this process, on a record's batch with the record's trainable state and
+    context: ``(pruned batch, token weights)`` (QTuning: of the kept rows; SSToken: from the training forward)."""
+    from lightning_peft.datamodules.pruning import PrunerContext
+
+    state = dict(module.model.named_parameters())
+    with torch.no_grad():
+        for name, value in record["state"].items():
+            state[name].copy_(value)
+    pruner.bind(PrunerContext(module=module, **record["context"]))
+    out = pruner({k: v.clone() for k, v in record["batch"].items()}, model=module)
+    if isinstance(pruner, TokenSelector):
+        return out, train_forward_selection(module, pruner, out)[1]
+    return out, out["token_weights"]

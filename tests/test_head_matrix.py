@@ -15,7 +15,7 @@ from helpers import batch_for, logits, train_steps
 import lightning_peft.heads as heads_package
 from lightning_peft import CausalLM, SequenceClassifier
 from lightning_peft.backbones import load_backbone
-from lightning_peft.heads import FullFineTune, Head, LoRA, PeftHead
+from lightning_peft.heads import FullFineTune, Head, LoRA, PeftHead, Propulsion, ShareLoRA
 
 # module names per backbone: attention q/k/v, an FFN output layer
 NAMES = {
@@ -49,6 +49,8 @@ HEAD_CASES = {
     # ball is too small to move the loss, so the matrix widens it
     "cpt": lambda n: PeftHead({"peft_type": "CPT", "cpt_token_ids": [5, 6, 7, 8], "opt_projection_epsilon": 100.0,
                                "opt_projection_format_epsilon": 100.0}),
+    "propulsion": lambda n: Propulsion(degree=15, targets="all"),
+    "sharelora": lambda n: ShareLoRA(r=4, alpha=8, share="A", target_modules=[n["q"], n["v"]]),
 }
 # learning rate of the loss-falls test where the default 2e-2 does not suit the method
 LOSS_LR: dict[str, float] = {}

@@ -69,6 +69,42 @@ def test_qtuning_quadrants_and_drops_on_hand_built_batch():
     assert plan_pruning(loss, entropy, response, valid, 0.5, 0.9, entropy_positions="all")["ent"][2] > 5
 
 
+def test_prompt_neighbour_counts_one_as_in_the_released_code():
+    """Issue 12, defect 7b: in the official code a prompt position's PPL is exp(0) = 1 (label -100, loss 0),
+    so the first response token's left neighbour adds lam * 1; padding and the sequence edges add 0.
+    Sample 2's response PPLs are [10, 1, 1, 1, 1, 9.9, 1, 1, 1, 1] after one prompt position; with lam = 0.2
+    (s_i = 0.8 PPL_i + 0.2 (PPL_{i-1} + PPL_{i+1})), by hand:
+    prompt neighbour 1: [8.4, 3.0, 1.2, 1.2, 2.98, 8.32, 2.98, 1.2, 1.2, 1.0] -> drop index 0;
+    prompt neighbour 0: index 0 scores 8.2 < 8.32 -> drop index 5."""
+    loss, entropy, response, valid = hand_batch()
+    pattern = [10.0, 1, 1, 1, 1, 9.9, 1, 1, 1, 1]
+    for b, ppl in enumerate([1.5, 1.55, None, 1.65, 1.1, 1.12, 1.13, 1.14]):  # same ranks as hand_batch
+        row = torch.tensor(pattern, dtype=torch.float64) if ppl is None else torch.full((10,), ppl, dtype=torch.float64)
+        loss[b, 2:] = row.log()
+    # the scores themselves (one row: pad, prompt, the response, pad)
+    ppl_row = torch.tensor([[0.0, 0.0] + pattern + [0.0]], dtype=torch.float64)
+    region = torch.tensor([[False, False] + [True] * 10 + [False]])
+    prompt = torch.tensor([[False, True] + [False] * 11])
+    s = smoothed_scores(ppl_row, region, 0.2, prompt=prompt)
+    want = [0, 0, 8.4, 3.0, 1.2, 1.2, 2.98, 8.32, 2.98, 1.2, 1.2, 1.0, 0]
+    torch.testing.assert_close(s, torch.tensor([want], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert float(smoothed_scores(ppl_row, region, 0.2, prompt=prompt, prompt_ppl=0.0)[0, 2]) == pytest.approx(8.2)
+    # the whole decision (need = 1, as in test_qtuning_quadrants_and_drops_on_hand_built_batch)
+    plan = plan_pruning(loss, entropy, response, valid, 0.5, 0.975, lam=0.2)
+    assert plan["keep"].nonzero().flatten().tolist() == [2, 3, 6, 7] and plan["need"] == 1
+    assert (response & plan["keep"][:, None] & ~plan["token_keep"]).nonzero().tolist() == [[2, 2 + 0]]
+    zero = plan_pruning(loss, entropy, response, valid, 0.5, 0.975, lam=0.2, prompt_neighbour_ppl=0.0)
+    assert (response & zero["keep"][:, None] & ~zero["token_keep"]).nonzero().tolist() == [[2, 2 + 5]]
+    # the pruner passes its option through (a batch with this layout: column 1 the prompt, 2.. the response)
+    labels = torch.full((8, 12), 7)
+    labels[:, :2] = -100
+    batch = {"labels": labels, "attention_mask": torch.ones(8, 12, dtype=torch.long)}
+    for pruner, col in ((QTuning(sample_ratio=0.5, token_ratio=0.975, lam=0.2), 2),
+                        (QTuning(sample_ratio=0.5, token_ratio=0.975, lam=0.2, prompt_neighbour_ppl=0.0), 7)):
+        got = pruner.plan_from_stats(loss, entropy, batch)
+        assert (response & got["keep"][:, None] & ~got["token_keep"]).nonzero().tolist() == [[2, col]]
+
+
 def test_smoothed_score_numbers_from_spec():
     p = torch.tensor([[1.0, 1, 1, 30, 1, 1, 12, 12, 12, 1]])
     region = torch.ones_like(p, dtype=torch.bool)
@@ -149,11 +185,24 @@ def module():
     return make_module()
 
 
-def test_qtuning_on_model_and_no_response_batch(module):
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
+def test_qtuning_on_model_and_no_response_batch(module, fast):
+    """The scoring pass runs in eval mode (dropout off) and leaves the module in the mode it found, from
+    train mode and from eval mode."""
     batch = padded_batch(module.tokenizer)
-    out = QTuning(sample_ratio=0.5, token_ratio=0.5)(batch, model=module)
+    seen = []
+    handle = decoder_layers(module.model)[0].register_forward_pre_hook(lambda mod, args: seen.append(mod.training))
+    try:
+        for mode in (True, False):
+            module.train(mode)
+            out = QTuning(sample_ratio=0.5, token_ratio=0.5, fast_scoring=fast)(batch, model=module)
+            assert module.training is mode and all(m.training is mode for m in module.modules())
+    finally:
+        handle.remove()
+        module.train()
+    assert seen == [False, False]  # one scoring forward per call, both in eval mode
     assert 1 <= out["input_ids"].shape[0] <= 4 and out["token_weights"].shape == out["labels"].shape
-    assert "pruning_stats" in out and module.training == module.training
+    assert "pruning_stats" in out
     empty = {k: v.clone() for k, v in batch.items()}
     empty["labels"][:] = -100
     assert QTuning()(empty, model=module) is empty  # documented: passed through unpruned

@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 from helpers import cpu_threads, fit_interrupted_and_whole, run_cli_ranks, trainable_state
-from pruning_helpers import make_module, padded_batch, train_forward_selection
+from pruning_helpers import load_records, make_module, padded_batch, replay, train_forward_selection
 
 from lightning_peft import CausalLM
 from lightning_peft.datamodules import SyntheticSFTDataModule
@@ -128,12 +128,39 @@ def test_trainer_run_sstoken(tmp_path):
     assert "pruning/kept_token_fraction" in metrics and "pruning/gamma_t" in metrics
 
 
+def check_selections(records, make_pruner, ranks=(0, 1), steps=3):
+    """Each rank's recorded selections (see ``pruning_helpers.RecordingQTuning``): one per step, made with the
+    same trainable state on every rank from different batches, and each equal to this process's own run of a
+    fresh pruner on that rank's batch and state (QTuning: the kept rows, their labels and token weights;
+    SSToken: the token weights of the training forward)."""
+    module = CausalLM(backbone="tiny-llama", head=LoRA(r=4, alpha=8)).train()
+    assert all(len(records[r]) == steps for r in ranks), {r: len(records[r]) for r in ranks}
+    for step in range(steps):
+        recs = [records[r][step] for r in ranks]
+        assert [rec["context"]["global_step"] for rec in recs] == [step] * len(ranks)
+        for name, value in recs[0]["state"].items():  # DDP: every rank scores with the same model
+            for rec in recs[1:]:
+                assert torch.equal(rec["state"][name], value), (step, name)
+        assert not torch.equal(recs[0]["batch"]["input_ids"], recs[1]["batch"]["input_ids"])  # rank-own data
+        for rank, rec in zip(ranks, recs):
+            out, weights = replay(make_pruner(), module, rec)
+            want = rec["output"]
+            assert torch.equal(out["input_ids"], want["input_ids"]), (rank, step)  # the kept rows
+            assert torch.equal(out["labels"], want["labels"]), (rank, step)
+            assert torch.equal(weights, want["token_weights"]), (rank, step)  # the kept tokens
+            assert 0 < weights.sum() < (want["labels"] != -100).sum()  # really a selection
+
+
 @pytest.mark.ddp
-@pytest.mark.parametrize("pruner", [
-    "{class_path: lightning_peft.datamodules.pruning.QTuning, init_args: {sample_ratio: 0.5, token_ratio: 0.5}}",
-    "{class_path: lightning_peft.datamodules.pruning.SSToken, init_args: {gamma: 0.5, rho: 0.6}}",
+@pytest.mark.parametrize("name,init_args,make_pruner", [
+    ("RecordingQTuning", "sample_ratio: 0.5, token_ratio: 0.5",
+     lambda: QTuning(sample_ratio=0.5, token_ratio=0.5, plot_every_epoch=False)),
+    ("RecordingSSToken", "gamma: 0.5, rho: 0.6", lambda: SSToken(gamma=0.5, rho=0.6)),
 ], ids=["qtuning", "sstoken"])
-def test_ddp_two_ranks_identical(tmp_path, pruner):
+def test_ddp_two_ranks_identical(tmp_path, name, init_args, make_pruner):
+    """2-process CLI run with the default logger (and QTuning's EU-plane picture) on: each rank records what
+    its pruner selected at each step; the selections are compared across ranks and against a one-process
+    replay (parameters alone would agree whatever each rank selected: DDP averages the gradients)."""
     cfg = tmp_path / "ddp.yaml"
     cfg.write_text(
         "seed_everything: 0\n"
@@ -145,13 +172,42 @@ def test_ddp_two_ranks_identical(tmp_path, pruner):
         "    head: {class_path: lightning_peft.heads.LoRA, init_args: {r: 4, alpha: 8}}\n"
         "data:\n  class_path: lightning_peft.datamodules.SyntheticSFTDataModule\n  init_args:\n"
         "    task: copy\n    num_digits: 4\n    num_train: 64\n    num_val: 4\n    batch_size: 8\n"
-        f"    pruner: {pruner}\n"
+        f"    pruner: {{class_path: pruning_helpers.{name}, init_args: {{out_dir: {tmp_path / 'sel'}, {init_args}}}}}\n"
     )
     r0, r1 = run_cli_ranks(["--config", str(cfg)], tmp_path, tmp_path / "dump")
-    for name in r0["params"]:
-        assert torch.equal(r0["params"][name], r1["params"][name]), name
-    if "QTuning" in pruner:  # the epoch-end plot (a collective: log_dir) ran on both ranks without hanging
+    for pname in r0["params"]:
+        assert torch.equal(r0["params"][pname], r1["params"][pname]), pname
+    check_selections({r: load_records(tmp_path / "sel", r) for r in (0, 1)}, make_pruner)
+    if "QTuning" in name:  # the epoch-end plot (a collective: log_dir) ran on both ranks without hanging
         assert list((tmp_path / "run").glob("**/eu_plane/epoch_0.png"))
+
+
+def test_recorded_selections_replay_in_one_process(tmp_path):
+    """The recording pruner and the replay used by the DDP test, on a one-process run (no DDP): the replay
+    reproduces each step's selection, and a replay with another pruner's settings does not."""
+    from pruning_helpers import RecordingQTuning
+
+    L.seed_everything(0)
+    module = CausalLM(backbone="tiny-llama", head=LoRA(r=4, alpha=8))
+    module.set_optimizer("torch.optim.AdamW", lr=1e-2)  # the state moves between steps
+    dm = SyntheticSFTDataModule(task="copy", num_digits=4, num_train=24, num_val=4, batch_size=8,
+                                pruner=RecordingQTuning(str(tmp_path / "sel"), sample_ratio=0.5, token_ratio=0.5))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=dm)
+    records = load_records(tmp_path / "sel", 0)
+    assert [r["context"]["global_step"] for r in records] == [0, 1, 2]
+    assert any(not torch.equal(v, records[2]["state"][n]) for n, v in records[0]["state"].items())
+    fresh = CausalLM(backbone="tiny-llama", head=LoRA(r=4, alpha=8)).train()
+    for rec in records:
+        out, weights = replay(QTuning(sample_ratio=0.5, token_ratio=0.5, plot_every_epoch=False), fresh, rec)
+        assert torch.equal(out["input_ids"], rec["output"]["input_ids"])
+        assert torch.equal(weights, rec["output"]["token_weights"])
+    want = [rec["output"]["token_weights"] for rec in records]
+    other = [replay(QTuning(sample_ratio=0.5, token_ratio=0.9, plot_every_epoch=False), fresh, rec)[1]
+             for rec in records]
+    assert any(o.shape != w.shape or not torch.equal(o, w) for o, w in zip(other, want))
 
 
 # ------------------------------------------------------------------------------------- resume
@@ -180,7 +236,8 @@ def test_pruned_run_resumes_exactly(tmp_path, make_pruner):
 def test_other_bad_values():
     for kwargs in ({"lam": -0.1}, {"lam": 1.5}, {"entropy_positions": "prompt"}, {"budget_positions": "x"},
                    {"drop": "random"}, {"sample_ratio": float("nan")}, {"token_ratio": "0.5"},
-                   {"scoring_precision": "fp8"}):
+                   {"scoring_precision": "fp8"}, {"prompt_neighbour_ppl": -1.0}, {"prompt_neighbour_ppl": "1"},
+                   {"prompt_neighbour_ppl": float("inf")}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             QTuning(**kwargs)
     for kwargs in ({"gamma": 1.5}, {"gamma": -1}, {"rel_warmup_fraction": 2.0}, {"history": "ema"},

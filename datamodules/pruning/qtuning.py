@@ -17,10 +17,11 @@ Per training micro-batch:
    decreasing order of ``|p~ - e~|`` of the min-max-normalised coordinates (:func:`fill_up`); a
    fill-up sample with ``p~ >= e~`` is *Q2-like*. More than K are all kept (as in the official code).
 3. **Token pruning.** Only in Q2 and Q2-like samples: the neighbour-smoothed score
-   ``s_i = (1 - lam) * PPL_i + lam * (PPL_{i-1} + PPL_{i+1})`` (sum of the neighbours;
-   non-response neighbours count as 0) ranks the response tokens, and the ``need`` highest-scoring
-   ones over the whole batch leave the loss (``token_weights = 0``), where ``need`` is what it takes
-   to bring the batch down to ``round(tot * sample_ratio * token_ratio)`` tokens
+   ``s_i = (1 - lam) * PPL_i + lam * (PPL_{i-1} + PPL_{i+1})`` (sum of the neighbours; a prompt
+   neighbour counts 1, as in the official code, padding and the sequence edges 0) ranks the response
+   tokens, and the ``need`` highest-scoring ones over the whole batch leave the loss
+   (``token_weights = 0``), where ``need`` is what it takes to bring the batch down to
+   ``round(tot * sample_ratio * token_ratio)`` tokens
    (:func:`plan_pruning`). Q4 samples always stay whole. Pruned tokens stay in the input.
 
 **Passes this pruner costs** (``scoring_pass="separate"``, the only mode): one forward **without
@@ -31,9 +32,10 @@ itself because it removes ``1 - sample_ratio`` of the rows from the forward + ba
 code masks the loss of a full-batch forward, which saves nothing). No forward with gradients is ever
 run twice. The scoring pass is made cheap without changing what it computes (:mod:`.scoring`,
 ``fast_scoring=True``): the decoder body runs once, the LM head only at the positions the plan reads
-(response positions, or every non-pad position with ``entropy_positions="all"``), with a plain LoRA
-head the adapter deltas are merged into temporary weights for the pass, and loss and entropy come from
-one ``log_softmax`` per position. The per-sample decision (bisection, fill-up) runs on host copies of
+(response positions, or every non-pad position with ``entropy_positions="all"``), a LoRA layer runs
+its own adapter path with dropout off (no merged copy of any weight: the pass needs no memory beyond the
+bare backbone's no-grad forward but rank-``r`` intermediates), and loss and entropy come from one
+``log_softmax`` per position. The per-sample decision (bisection, fill-up) runs on host copies of
 the ``(B,)`` vectors, and the logged counts leave the device in one transfer.
 
 Departures from the paper / official code (all flagged):
@@ -49,6 +51,11 @@ Departures from the paper / official code (all flagged):
 * Samples without any response token are never kept (they carry no loss); a batch in which *no*
   sample has a response token is returned unchanged (with a warning), since there is nothing to score.
 * Selection is per micro-batch and per DDP rank (as in the official code); no all-gather.
+* Prompt neighbours in the smoothed token score: ``prompt_neighbour_ppl=1.0`` (default) matches the
+  official code, where a prompt position's PPL is ``exp(0) = 1`` (its loss is 0 under label -100), so
+  the first response token's left neighbour adds ``lam * 1``; ``0.0`` treats prompt neighbours like
+  padding (this package before issue 12, the spec's proposal). Padding and the sequence edges count 0
+  either way.
 
 The pruner reads ``attention_mask`` and ``labels`` only, never the pad id, so tokenizers without a
 pad token work (the collators pad with EOS then). Its decisions keep no state across steps (each
@@ -156,12 +163,17 @@ def fill_up(ppl: torch.Tensor, ent: torch.Tensor, q2: torch.Tensor, q4: torch.Te
     return keep, q2like
 
 
-def smoothed_scores(token_ppl: torch.Tensor, region: torch.Tensor, lam: float) -> torch.Tensor:
-    """``s_i = (1-lam) PPL_i + lam (PPL_{i-1} + PPL_{i+1})``; positions outside ``region`` count as 0.
+def smoothed_scores(token_ppl: torch.Tensor, region: torch.Tensor, lam: float, prompt: torch.Tensor | None = None,
+                    prompt_ppl: float = 1.0) -> torch.Tensor:
+    """``s_i = (1-lam) PPL_i + lam (PPL_{i-1} + PPL_{i+1})`` over the last dimension, 0 outside ``region``.
 
-    Works on the last dimension; the result is 0 outside ``region``.
+    A neighbour in ``prompt`` (a bool mask of non-pad positions outside ``region``, e.g. prompt tokens)
+    contributes ``prompt_ppl``; any other neighbour outside ``region`` (padding, the sequence edges)
+    counts as 0. The released code gives a prompt neighbour ``exp(0) = 1`` (its loss is 0 under label -100).
     """
     p = torch.where(region, token_ppl.double(), torch.zeros_like(token_ppl, dtype=torch.float64))
+    if prompt is not None:
+        p = torch.where(prompt & ~region, torch.full_like(p, float(prompt_ppl)), p)
     left = F.pad(p[..., :-1], (1, 0))
     right = F.pad(p[..., 1:], (0, 1))
     s = (1 - lam) * p + lam * (left + right)
@@ -171,7 +183,7 @@ def smoothed_scores(token_ppl: torch.Tensor, region: torch.Tensor, lam: float) -
 def plan_pruning(token_loss: torch.Tensor, token_entropy: torch.Tensor, response_mask: torch.Tensor,
                  valid_mask: torch.Tensor, sample_ratio: float, token_ratio: float, lam: float = 0.5,
                  entropy_positions: str = "response", budget_positions: str = "response",
-                 drop: str = "highest") -> dict[str, Any]:
+                 drop: str = "highest", prompt_neighbour_ppl: float = 1.0) -> dict[str, Any]:
     """The whole Q-Tuning decision from per-token quantities (a pure function; all label-aligned).
 
     Args:
@@ -180,6 +192,8 @@ def plan_pruning(token_loss: torch.Tensor, token_entropy: torch.Tensor, response
         valid_mask: ``(B, S)`` bool, non-pad positions of the shifted batch (``attention_mask[:, 1:]``
             aligned to labels, column 0 False).
         drop: ``"highest"`` (the method) or ``"lowest"`` (the ``fwise`` ablation).
+        prompt_neighbour_ppl: what a non-pad, non-response neighbour (a prompt token) contributes to the
+            smoothed score (released code: 1; padding and the sequence edges always count 0).
 
     Returns a dict with ``keep`` (B,), ``token_keep`` (B, S) bool over response tokens, ``q1``..``q4``,
     ``q2like``, ``ppl``, ``ent``, ``alpha``, ``thresholds``, ``target``, ``tot``, ``need``.
@@ -214,7 +228,8 @@ def plan_pruning(token_loss: torch.Tensor, token_entropy: torch.Tensor, response
     cand = response_mask & (keep & (q2 | q2like))[:, None]
     if need > 0 and token_ratio < 1 and cand.any():
         tok_ppl = torch.exp(token_loss.double())
-        score = smoothed_scores(tok_ppl, response_mask, lam)
+        score = smoothed_scores(tok_ppl, response_mask, lam, prompt=valid_mask & ~response_mask,
+                                prompt_ppl=prompt_neighbour_ppl)
         key = score if drop == "highest" else -score
         flat = torch.where(cand, key, torch.full_like(key, -math.inf)).flatten()
         n_drop = min(need, int(cand.sum()))
@@ -276,11 +291,13 @@ class QTuning(BatchPruner):
         entropy_positions: ``"response"`` (default) or ``"all"`` (official parity: prompt included).
         budget_positions: ``"response"`` (default) or ``"all"`` (official parity: prompt included).
         drop: ``"highest"`` (the method) or ``"lowest"`` (the ``fwise`` ablation).
+        prompt_neighbour_ppl: the PPL a prompt neighbour contributes to the smoothed token score: 1.0
+            (default, the official code's ``exp(0)``) or 0.0 (like padding); a number >= 0.
         plot_every_epoch: draw the EU-plane scatter plot at each training epoch end.
-        fast_scoring: score with the decoder body plus the LM head at the needed positions only, LoRA
-            deltas merged for the pass (:mod:`.scoring`; same function, float rounding differs at ~1e-6
-            relative); False runs the module's plain forward (the reference). Backbones or heads the
-            fast route does not know always take the reference route.
+        fast_scoring: score with the decoder body plus the LM head at the needed positions only, in eval
+            mode (:mod:`.scoring`; same function, float rounding differs at ~1e-6 relative); False runs
+            the module's plain forward (the reference). Backbones or heads the fast route does not know
+            always take the reference route.
         trim_padding: after dropping rows, cut the columns that are padding in every kept row.
         scoring_precision: precision of the scoring pass. ``None`` (default): the training forward's
             (the trainer's precision plugin, e.g. bf16 autocast under ``precision="bf16-mixed"``);
@@ -292,7 +309,8 @@ class QTuning(BatchPruner):
     def __init__(self, sample_ratio: float = 0.25, token_ratio: float = 0.5, lam: float = 0.5,
                  entropy_positions: str = "response", budget_positions: str = "response",
                  drop: str = "highest", plot_every_epoch: bool = True, fast_scoring: bool = True,
-                 trim_padding: bool = True, scoring_precision: str | None = None) -> None:
+                 trim_padding: bool = True, scoring_precision: str | None = None,
+                 prompt_neighbour_ppl: float = 1.0) -> None:
         check_ratio("sample_ratio", sample_ratio)
         check_ratio("token_ratio", token_ratio)
         if not 0.0 <= lam <= 1.0:
@@ -302,6 +320,10 @@ class QTuning(BatchPruner):
                 raise ValueError(f"{name}={value!r} must be 'response' (default) or 'all' (official parity).")
         if drop not in ("highest", "lowest"):
             raise ValueError(f"drop={drop!r} must be 'highest' (the method) or 'lowest' (the fwise ablation).")
+        if (isinstance(prompt_neighbour_ppl, bool) or not isinstance(prompt_neighbour_ppl, (int, float))
+                or not 0.0 <= float(prompt_neighbour_ppl) < math.inf):
+            raise ValueError(f"prompt_neighbour_ppl={prompt_neighbour_ppl!r} must be a number >= 0; use 1.0 (the "
+                             "official code) or 0.0 (prompt neighbours count like padding).")
         self.sample_ratio = float(sample_ratio)
         self.token_ratio = float(token_ratio)
         self.lam = float(lam)
@@ -312,6 +334,7 @@ class QTuning(BatchPruner):
         self.fast_scoring = bool(fast_scoring)
         self.trim_padding = bool(trim_padding)
         self.scoring_precision = check_precision(scoring_precision)
+        self.prompt_neighbour_ppl = float(prompt_neighbour_ppl)
         self._points: list[tuple[float, float, int]] = []
         self._thresholds: tuple[float, float, float, float] | None = None
         self._points_epoch = 0  # the training epoch the recorded points belong to
@@ -356,7 +379,7 @@ class QTuning(BatchPruner):
     def plan_from_stats(self, loss: torch.Tensor, ent: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
         response, valid, _ = self.masks(batch)
         return plan_pruning(loss, ent, response, valid, self.sample_ratio, self.token_ratio, self.lam,
-                            self.entropy_positions, self.budget_positions, self.drop)
+                            self.entropy_positions, self.budget_positions, self.drop, self.prompt_neighbour_ppl)
 
     def plan(self, logits: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
         """The decision from full logits (the reference route)."""

@@ -11,11 +11,14 @@ two routes that compute the same function:
 * **reference**: the module's ordinary forward over the whole batch, then :func:`token_stats`;
 * **fast** (when the backbone allows it, see :func:`fast_parts`): the decoder body runs on the columns
   up to the last needed position, and the LM head is applied only at the needed positions (a prompt
-  or padding position costs no ``hidden x vocab`` product). With a plain LoRA head the adapter deltas
-  are merged into temporary weights ``W + s B A`` for this pass (``torch.func.functional_call``; the
-  model's own weights are never touched), so the no-grad forward costs what the bare backbone costs.
-  Float rounding differs from the reference at the 1e-6 relative level (tested to 1e-5 on per-sample
-  statistics; selections on the tests' batches are identical).
+  or padding position costs no ``hidden x vocab`` product). The module's own layers run in eval mode
+  (dropout off); a LoRA layer computes ``W x + s B (A x)`` through its adapter path, so the pass
+  allocates no weight-sized tensor: its extra memory over the bare backbone's no-grad forward is the
+  rank-``r`` intermediates of one layer at a time, never a merged copy of the adapted weights (issue 12:
+  merging ``W + s B A`` for every adapted weight up front held a second copy of an all-linear LoRA model).
+  The body's outputs equal the reference forward's; the LM head on gathered rows differs from the
+  full-width product at the float-rounding level (tested to 1e-5 on per-token statistics; selections on
+  the tests' batches are identical).
 
 Anything the fast route does not know (prompt-learning heads, DoRA and other LoRA variants, other peft
 methods, ``modules_to_save``, backbones outside :data:`FAST_MODEL_TYPES`, heads that feed extra
@@ -149,29 +152,13 @@ def fast_parts(module: Any, batch: dict[str, Any]) -> tuple[nn.Module, nn.Module
     return body, head_linear, layers
 
 
-def _merged_weights(root: nn.Module, layers: list[nn.Module]) -> dict[str, torch.Tensor]:
-    """``{name of base_layer.weight under root: W + sum of active LoRA deltas}`` for the layers inside root."""
-    wanted = {id(m) for m in layers}
-    out = {}
-    for name, mod in root.named_modules():
-        if id(mod) not in wanted:
-            continue
-        weight = mod.base_layer.weight
-        delta = None
-        for adapter in mod.active_adapters:
-            if adapter in mod.lora_A:
-                d = mod.get_delta_weight(adapter)
-                delta = d if delta is None else delta + d
-        if delta is not None:
-            out[f"{name}.base_layer.weight" if name else "base_layer.weight"] = weight + delta.to(weight.dtype)
-    return out
-
-
 def _fast_stats(module: Any, parts, batch: dict[str, Any], positions: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from torch.func import functional_call
-
-    body, lm_head, layers = parts
+    """Label-aligned ``(loss, entropy)`` at ``positions``: the body over the needed columns, the LM head at
+    the needed rows only. The module's own layers run as they are (the caller has put it in eval mode, so
+    LoRA dropout is off): a LoRA layer computes ``W x + s B (A x)`` through its adapter path, which adds
+    two rank-``r`` products per layer and allocates no weight-sized tensor (no merged copy of any weight)."""
+    body, lm_head, _layers = parts
     labels = batch["labels"]
     b, s = labels.shape
     loss = torch.zeros(b, s, dtype=torch.float32, device=labels.device)
@@ -184,16 +171,12 @@ def _fast_stats(module: Any, parts, batch: dict[str, Any], positions: torch.Tens
     inputs = {"input_ids": batch["input_ids"][:, :width], "use_cache": False}
     if batch.get("attention_mask") is not None:
         inputs["attention_mask"] = batch["attention_mask"][:, :width]
-    # the merged weights below replace the adapter path for this pass (Head.disabled changes no requires_grad)
-    disabled = module.head.disabled(module.model) if layers else contextlib.nullcontext()
-    with disabled:
-        hidden = functional_call(body, _merged_weights(body, layers), args=(), kwargs=inputs).last_hidden_state
-        head_weights = _merged_weights(lm_head, layers)
-        head_fn = (lambda h: functional_call(lm_head, head_weights, (h,))) if head_weights else lm_head
-        vocab = int(getattr(lm_head, "out_features", 0) or lm_head.weight.shape[0])
-        ce, h = _chunked(hidden[need[:, :width]], labels[:, 1 : width + 1][need[:, :width]], head_fn, vocab)
-    loss[:, 1 : width + 1][need[:, :width]] = ce
-    ent[:, 1 : width + 1][need[:, :width]] = h
+    hidden = body(**inputs).last_hidden_state
+    vocab = int(getattr(lm_head, "out_features", 0) or lm_head.weight.shape[0])
+    rows = need[:, :width]
+    ce, h = _chunked(hidden[rows], labels[:, 1 : width + 1][rows], lm_head, vocab)
+    loss[:, 1 : width + 1][rows] = ce
+    ent[:, 1 : width + 1][rows] = h
     return loss, ent
 
 

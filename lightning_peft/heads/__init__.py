@@ -5,5 +5,8 @@ from lightning_peft.heads.full import FullFineTune
 from lightning_peft.heads.lora import LoRA
 from lightning_peft.heads.peft_head import PeftHead
 from lightning_peft.heads.prompt import PromptHead, PromptModel
+from lightning_peft.heads.propulsion import Propulsion
+from lightning_peft.heads.sharelora import ShareLoRA
 
-__all__ = ["FullFineTune", "Head", "HeadError", "LoRA", "PeftHead", "PromptHead", "PromptModel", "head_from_config"]
+__all__ = ["FullFineTune", "Head", "HeadError", "LoRA", "PeftHead", "PromptHead", "PromptModel", "head_from_config",
+           "Propulsion", "ShareLoRA"]
