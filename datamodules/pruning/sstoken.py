@@ -28,27 +28,43 @@ and returns the token weights (and the ``pruning/*`` statistics) before the loss
 **Passes this pruner costs**, per step, besides the usual training forward + backward (full batch,
 no rows dropped):
 
-* history ``"adapter"`` (default with a PEFT head): one no-grad, eval-mode forward of the base model,
-  i.e. the same backbone with the adapter switched off (``Head.disabled``), no extra memory;
-* history ``"copy"`` (default with full fine-tuning): one no-grad forward of a frozen copy of the
-  base model, rebuilt from the module's backbone spec (exact on resume, costs one model's memory);
-* history ``"cache"`` (``history_cache=path``): no extra forward; per-token history losses written once
-  by :meth:`SSToken.build_history_cache` and looked up per sample;
+* history ``"adapter"`` (default with a PEFT head): one no-grad, eval-mode pass of the base model, i.e.
+  the same backbone with the adapter switched off (``Head.disabled``), no extra memory;
+* history ``"copy"`` (default with full fine-tuning): one no-grad pass of a frozen copy of the base
+  model, rebuilt from the module's backbone spec (exact on resume, costs one model's memory);
+* history ``"cache"`` (``history_cache=path``): no extra pass; per-token history losses written once
+  by ``lightning-peft sstoken-history --config <config>`` (:mod:`.history_cache`) and looked up per sample;
 * always: the last layer's q/k projections and attention probabilities, once, without gradients.
 
-The history forward runs in the training forward's precision (:func:`.scoring.precision_context`:
-bf16 autocast under ``precision="bf16-mixed"``), although the DataModule hook it runs in is outside
-Lightning's autocast.
+The online history pass (``"adapter"``, ``"copy"``) takes the scoring fast path
+(:func:`.scoring.lm_token_losses`): the decoder body once, the LM head only at the response positions, in
+chunks, never the full-vocabulary logits of every position (issue 12, defect 3); a backbone outside the
+fast path's families, or a head that feeds extra forward inputs, gets the full forward. It runs in the
+training forward's precision (:func:`.scoring.precision_context`: bf16 autocast under
+``precision="bf16-mixed"``), although the DataModule hook it runs in is outside Lightning's autocast.
 
+**The offline history cache** (the released pipeline's ``calculate_token_loss.py``, spec §3.1) is the
+cheapest route and the recommended one for real runs::
+
+    lightning-peft sstoken-history --config examples/sstoken_alpaca.yaml   # once: <train_file>.sstoken-history.pt
+    lightning-peft fit --config examples/sstoken_alpaca.yaml --data.pruner.init_args.history_cache <that file>
+
+The file is keyed by the tokenised data and the base model; a stale one (other data, another base model)
+is refused in one sentence naming the file and this command (see :mod:`.history_cache`).
 ``"copy"`` is the default for full fine-tuning because it needs no preparation step and cannot
 misalign; use ``"cache"`` when a second copy of the weights does not fit.
 
-Departures from the official code (flagged): the cache is keyed by a hash of the sample's token ids
-rather than the dataset index (our batches carry no index, and the hash also catches re-tokenisation);
-the attention-only warm-up is ``rel_warmup_fraction`` of the first epoch's optimizer steps (the spec's
-proposal) rather than "dataset index < 10000"; it is read from the ``global_step`` of the pruner's
-``PrunerContext``, so a resumed run uses the same ``gamma_t`` as an uninterrupted one. The pruner keeps
-no other state (``state_dict`` is empty); ties are broken by position (stable sort), so selection is deterministic.
+Departures from the official code (flagged):
+
+* the cache is keyed by a hash of the sample's token ids and response mask rather than the dataset
+  index (our batches carry no index, and the hash also catches re-tokenisation);
+* the attention-only warm-up is ``rel_warmup_fraction`` of each epoch's optimizer steps (the spec's
+  proposal) rather than "dataset index < 10000"; like the released flag it **resets at every epoch
+  start** (issue 12, defect 7a). It is read from the ``global_step`` and ``epoch`` of the pruner's
+  ``PrunerContext``, so a resumed run uses the same ``gamma_t`` as an uninterrupted one.
+
+The pruner keeps no other state (``state_dict`` is empty); ties are broken by position (stable sort), so
+selection is deterministic.
 
 The attention recompute reads the family's recipe from :mod:`lightning_peft.architectures` (block list,
 pre-attention norm, q/k projections or fused qkv, q/k norms, rotary embeddings, scaling, sliding window)
@@ -61,7 +77,7 @@ The pruner reads ``attention_mask`` and ``labels`` only, never the pad id.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import math
 from typing import Any
 
@@ -70,7 +86,8 @@ import torch
 from lightning_peft.objectives import IGNORE_INDEX, TokenSelector, next_token_cross_entropy
 
 from . import BatchPruner, PrunerContext, check_ratio
-from .scoring import precision_context
+from . import history_cache as hcache
+from .scoring import lm_token_losses, precision_context
 
 HISTORY_MODES = ("auto", "adapter", "copy", "cache")
 
@@ -167,11 +184,6 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return block_stacks(model)[-1]
 
 
-def sample_key(ids: torch.Tensor) -> str:
-    """Cache key of one sample: a hash of its (unpadded) token ids."""
-    return hashlib.sha1(ids.to(torch.int64).cpu().numpy().tobytes()).hexdigest()
-
-
 # ---------------------------------------------------------------------------------------- the pruner
 class SSToken(BatchPruner, TokenSelector):
     """ssToken token selector (see the module docstring).
@@ -179,12 +191,15 @@ class SSToken(BatchPruner, TokenSelector):
     Args:
         gamma: weight of the excess loss (1: REL only, 0: attention only); paper default 0.5.
         rho: share of each sample's response tokens kept, in (0, 1]; paper default 0.6.
-        rel_warmup_fraction: share of the first epoch's optimizer steps that use gamma = 0
-            (attention only; REL is ~0 while the model is still the base). 0 disables it.
-        rel_warmup_steps: an explicit number of warm-up optimizer steps (overrides the fraction).
+        rel_warmup_fraction: share of each epoch's optimizer steps, at its start, that use gamma = 0
+            (attention only; REL is ~0 while the model is still the base; the released flag resets every
+            epoch). 0 disables it.
+        rel_warmup_steps: an explicit number of warm-up optimizer steps at the start of each epoch
+            (overrides the fraction).
         history: ``"auto"`` (``"adapter"`` with a PEFT head, else ``"copy"``), ``"adapter"``, ``"copy"``
             or ``"cache"``.
-        history_cache: a file written by :meth:`build_history_cache` (implies ``history="cache"``).
+        history_cache: a file written by ``lightning-peft sstoken-history --config <config>`` (or
+            :meth:`build_history_cache`); implies ``history="cache"``.
         layer: index of the decoder layer whose attention is used (-1: the last, as in the paper).
     """
 
@@ -199,7 +214,8 @@ class SSToken(BatchPruner, TokenSelector):
         if history not in HISTORY_MODES:
             raise ValueError(f"history={history!r} must be one of {HISTORY_MODES}.")
         if history == "cache" and history_cache is None:
-            raise ValueError("history='cache' needs history_cache=<file written by SSToken.build_history_cache>.")
+            raise ValueError("history='cache' needs history_cache=<file>; write it with `lightning-peft "
+                             "sstoken-history --config <your config>`.")
         self.gamma = float(gamma)
         self.rho = float(rho)
         self.rel_warmup_fraction = float(rel_warmup_fraction)
@@ -219,19 +235,28 @@ class SSToken(BatchPruner, TokenSelector):
 
     # ---------------------------------------------------------------- warm-up
     def gamma_at(self, context: PrunerContext | None = None) -> float:
-        """gamma_t: 0 during the attention-only warm-up (first epoch's first optimizer steps), else gamma.
+        """gamma_t: 0 during the attention-only warm-up (the first optimizer steps of **every** epoch, as the
+        released flag, which resets at each epoch start), else gamma.
 
-        Read from ``context`` (default: the bound :class:`PrunerContext`); without one, ``gamma``."""
+        Read from ``context`` (default: the bound :class:`PrunerContext`): the step within the epoch is
+        ``global_step - epoch * ceil(num_training_batches / accumulate_grad_batches)`` (Lightning steps the
+        optimizer on an epoch's last batch too), so a resumed run sees the same ``gamma_t``. Without a
+        context, ``gamma``; with an unknown epoch length (an iterable dataset) only ``rel_warmup_steps``
+        applies, counted from the first step of training."""
         context = context if context is not None else self.context
         if context is None:
             return self.gamma
+        n = context.num_training_batches
+        per_epoch = math.ceil(n / max(1, context.accumulate_grad_batches)) if math.isfinite(n) else None
         steps = self.rel_warmup_steps
         if steps is None:
-            n = context.num_training_batches
-            if not math.isfinite(n) or self.rel_warmup_fraction == 0:
+            if per_epoch is None or self.rel_warmup_fraction == 0:
                 return self.gamma
             steps = math.ceil(self.rel_warmup_fraction * n / max(1, context.accumulate_grad_batches))
-        return 0.0 if int(context.global_step) < steps else self.gamma
+        step = int(context.global_step)
+        if per_epoch is not None:
+            step -= int(context.epoch) * per_epoch
+        return 0.0 if step < steps else self.gamma
 
     # ---------------------------------------------------------------- history losses
     def _mode(self, model: Any) -> str:
@@ -247,30 +272,41 @@ class SSToken(BatchPruner, TokenSelector):
     def history_losses(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
         """Per-token losses (label-aligned) of the history (= base) model on ``batch``."""
         mode = self._mode(model)
-        labels = batch["labels"]
         if mode == "cache":
-            return self._from_cache(batch)
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+            return self._from_cache(model, batch)
         # the training forward's precision (the DataModule hook runs outside Lightning's autocast)
         with precision_context(model, None, self.context):
-            logits = self._history_logits(model, batch, inputs, mode)
-        logits = logits[:, -labels.shape[1]:]
-        return token_losses(logits, labels)
+            return self.online_history(model, batch, mode)
 
-    def _history_logits(self, model: Any, batch: dict[str, Any], inputs: dict[str, Any], mode: str) -> torch.Tensor:
-        if mode == "adapter":
-            if getattr(model.head, "trains_backbone", False) or not hasattr(model.model, "disable_adapter"):
-                raise ValueError("history='adapter' needs a peft model (a PEFT head such as LoRA); use "
-                                 "history='copy' or 'cache' with full fine-tuning.")
-            was = model.training
-            model.eval()
-            try:
-                with model.head.disabled(model.model):
-                    logits = model(batch).logits
-            finally:
-                model.train(was)
-            return logits
-        return self._copy_of_base(model)(**inputs).logits
+    @torch.no_grad()
+    def online_history(self, model: Any, batch: dict[str, Any], mode: str) -> torch.Tensor:
+        """The history pass of ``mode``: ``"adapter"`` (``model`` with its head switched off), ``"copy"`` (a
+        frozen copy of the base) or ``"self"`` (``model`` as it is, e.g. untrained), in eval mode, through the
+        scoring fast path (:func:`.scoring.lm_token_losses`: LM head at the response positions only) where
+        the backbone allows it, else the full forward. The caller supplies the autocast context."""
+        if mode == "adapter" and (getattr(model.head, "trains_backbone", False)
+                                  or not hasattr(model.model, "disable_adapter")):
+            raise ValueError("history='adapter' needs a peft model (a PEFT head such as LoRA); use "
+                             "history='copy' or 'cache' with full fine-tuning.")
+        labels = batch["labels"]
+        if mode == "copy":
+            lm = self._copy_of_base(model)
+            losses = lm_token_losses(lm, batch)
+            if losses is None:
+                logits = lm(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+                losses = token_losses(logits[:, -labels.shape[1]:], labels)
+            return losses
+        was = model.training
+        model.eval()
+        try:
+            with model.head.disabled(model.model) if mode == "adapter" else contextlib.nullcontext():
+                fast = not model.head.forward_inputs(batch)
+                losses = lm_token_losses(model.model, batch) if fast else None
+                if losses is None:
+                    losses = token_losses(model(batch).logits[:, -labels.shape[1]:], labels)
+        finally:
+            model.train(was)
+        return losses
 
     def _copy_of_base(self, model: Any) -> torch.nn.Module:
         if self._history_model is None:
@@ -284,42 +320,36 @@ class SSToken(BatchPruner, TokenSelector):
         device = next(model.parameters()).device
         return self._history_model.to(device)
 
-    def _from_cache(self, batch: dict[str, Any]) -> torch.Tensor:
+    def _from_cache(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
         if self._cache is None:
-            self._cache = torch.load(self.history_cache, weights_only=True)
-        ids, labels = batch["input_ids"], batch["labels"]
-        mask = batch.get("attention_mask", torch.ones_like(ids)).bool()
-        out = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
-        for b in range(ids.shape[0]):
-            key = sample_key(ids[b][mask[b]])
-            if key not in self._cache:
-                raise KeyError(f"SSToken's history cache {self.history_cache!r} has no entry for a training sample "
-                               "(the data or its tokenisation changed); rebuild it with SSToken.build_history_cache.")
-            value = self._cache[key].to(out.device)
-            if value.numel() != int(mask[b].sum()):
-                raise ValueError("SSToken's history cache entry length does not match the sample; rebuild the cache.")
-            out[b, mask[b]] = value.float()
-        return out
+            cache = hcache.read_cache(self.history_cache)
+            hcache.check_model(cache, self.history_cache, model)
+            self._cache = cache
+        return hcache.lookup(self._cache, self.history_cache, batch)
 
     @staticmethod
     @torch.no_grad()
     def build_history_cache(model: Any, batches: Any, path: str) -> int:
-        """Write the per-token losses of ``model`` (a ``CausalLM`` before training, i.e. the base) on every
-        batch of ``batches`` to ``path``; returns the number of samples. Use with ``history_cache=path``."""
-        cache: dict[str, torch.Tensor] = {}
+        """Write the per-token losses of ``model`` (a ``CausalLM``, taken as it is) on every batch of
+        ``batches`` to ``path``; returns the number of samples. Use with ``history_cache=path``. The
+        command ``lightning-peft sstoken-history --config <config>`` (:mod:`.history_cache`) does this for a
+        training config with the base model and the config's own data."""
+        losses: dict[str, torch.Tensor] = {}
+        rows = []
         was = model.training
         model.eval()
         try:
             for batch in batches:
-                logits = model(batch).logits[:, -batch["labels"].shape[1]:]
-                losses = token_losses(logits, batch["labels"])
+                hist = token_losses(model(batch).logits[:, -batch["labels"].shape[1]:], batch["labels"])
                 mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
-                for b in range(losses.shape[0]):
-                    cache[sample_key(batch["input_ids"][b][mask[b]])] = losses[b][mask[b]].cpu()
+                for b in range(hist.shape[0]):
+                    row = {"input_ids": batch["input_ids"][b][mask[b]], "labels": batch["labels"][b][mask[b]]}
+                    losses[hcache.sample_key(row["input_ids"], row["labels"])] = hist[b][mask[b]].cpu()
+                    rows.append(row)
         finally:
             model.train(was)
-        torch.save(cache, path)
-        return len(cache)
+        hcache.write_cache(path, losses, model, hcache.data_key(rows))
+        return len(losses)
 
     # ---------------------------------------------------------------- attention capture
     def _install_hook(self, model: Any) -> None:
