@@ -6,6 +6,7 @@ from lightning_peft.heads.full import FullFineTune
 from lightning_peft.heads.lora import LoRA
 from lightning_peft.heads.peft_head import PeftHead
 from lightning_peft.heads.prompt import PromptHead, PromptModel
+from lightning_peft.heads.sparse_adapter import SparseAdapter
 
 __all__ = ["FullFineTune", "Head", "HeadError", "LoRA", "PeftHead", "PromptHead", "PromptModel", "head_from_config",
-           "BottleneckAdapter"]
+           "BottleneckAdapter", "SparseAdapter"]
