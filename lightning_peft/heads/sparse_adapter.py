@@ -217,13 +217,7 @@ class SparseAdapter(Head):
                 grads = self._summed_grads(params, batches, loss_fn)
                 if self.criterion == "snip":
                     return [(p.detach() * g).abs() for p, g in zip(params, grads)]
-                hg = [torch.zeros_like(p) for p in params]
-                for batch in batches:  # d/dtheta of (g_stop . dL/dtheta) = H g
-                    first = torch.autograd.grad(loss_fn(batch), params, create_graph=True)
-                    dot = sum((f * g).sum() for f, g in zip(first, grads))
-                    for acc, part in zip(hg, torch.autograd.grad(dot, params)):
-                        acc.add_(part)
-                return [p.detach() * h for p, h in zip(params, hg)]
+                return self._grasp(params, grads, batches, loss_fn)
         finally:
             model.train(was_training)
 
@@ -235,6 +229,22 @@ class SparseAdapter(Head):
             for acc, g in zip(total, torch.autograd.grad(loss_fn(batch), params)):
                 acc.add_(g)
         return total
+
+    @staticmethod
+    def _grasp(params: list[nn.Parameter], grads: list[torch.Tensor], batches: list[dict[str, Any]],
+               loss_fn: Callable[[dict[str, Any]], torch.Tensor]) -> list[torch.Tensor]:
+        """``theta * H g`` with ``H g = d/dtheta (g_stop . dL/dtheta)``. The fused attention kernels have no
+        double backward, so attention runs on PyTorch's math kernel here (public ``sdpa_kernel``)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        hg = [torch.zeros_like(p) for p in params]
+        with sdpa_kernel(SDPBackend.MATH):
+            for batch in batches:
+                first = torch.autograd.grad(loss_fn(batch), params, create_graph=True)
+                dot = sum((f * g).sum() for f, g in zip(first, grads))
+                for acc, part in zip(hg, torch.autograd.grad(dot, params)):
+                    acc.add_(part)
+        return [p.detach() * h for p, h in zip(params, hg)]
 
     @staticmethod
     def _synflow(params: list[nn.Parameter]) -> list[torch.Tensor]:
