@@ -280,3 +280,27 @@ def test_large_sparse_on_a_real_model_keeps_the_dense_count_of_weights():
 def test_bad_configs_name_the_value(kwargs, match):
     with pytest.raises(HeadError, match=match):
         SparseAdapter(**kwargs)
+
+
+@pytest.mark.ddp
+def test_snip_under_two_rank_ddp_prunes_the_same_entries_on_both_ranks(tmp_path):
+    """Each rank scores its own shard's batches; the scores are summed over ranks, so the masks (and the
+    trained weights) agree, and the pruned entries are still zero after the steps."""
+    from helpers import REPO, run_cli_ranks
+
+    extra = tmp_path / "dump.yaml"
+    extra.write_text("trainer:\n  callbacks:\n    - class_path: helpers.DumpTrainable\n"
+                     f"      init_args: {{out_dir: {tmp_path / 'dump'}}}\n")
+    args = ["--config", str(REPO / "examples" / "sparseadapter_copy.yaml"), "--config", str(extra),
+            "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+            "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--data.init_args.num_train", "256", "--data.init_args.batch_size", "8"]
+    r0, r1 = run_cli_ranks(args, tmp_path, tmp_path / "dump")
+    weights = [n for n in r0["trainable"] if n.endswith(("down_weight", "up_weight"))]
+    assert weights
+    for name in r0["params"]:
+        assert torch.equal(r0["params"][name], r1["params"][name]), f"ranks differ on {name}"
+    total = sum(r0["params"][n].numel() for n in weights)
+    zeros = sum(int((r0["params"][n] == 0).sum()) for n in weights)
+    assert abs(zeros - 0.4 * total) <= 1
