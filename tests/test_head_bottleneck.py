@@ -189,3 +189,28 @@ def test_unknown_family_is_one_sentence():
     model = GPTJForCausalLM(GPTJConfig(vocab_size=50, n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=16))
     with pytest.raises(HeadError, match="BottleneckAdapter cannot run on this model: model_type 'gptj'"):
         BottleneckAdapter().attach(model)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "opt", "bloom", "phi3", "gemma2", "t5", "roberta"])
+def test_every_table_family_places_two_adapters_per_block(model_type):
+    """Resolved through the architecture table only: 2 adapters of (2dm + d + m) per block (d = 32 in these
+    configs; T5: encoder and decoder blocks), identity at init, and the adapters change the output once moved."""
+    from test_architectures import TINY
+
+    torch.manual_seed(0)
+    model = TINY[model_type]().eval()
+    base = copy.deepcopy(model)
+    n_blocks = 4 if model_type == "t5" else 2
+    d, m = 32, 4
+    head = BottleneckAdapter(placement="houlsby", bottleneck=m, train_layernorm=False)
+    assert head.expected_trainable_parameters(model) == n_blocks * 2 * (2 * d * m + d + m)
+    head.attach(model)
+    assert Head.trainable_parameters(model) == n_blocks * 2 * (2 * d * m + d + m)
+    ids = torch.randint(3, 300, (2, 7), generator=torch.Generator().manual_seed(0))
+    kw = {"input_ids": ids, **({"decoder_input_ids": ids[:, :5]} if model_type == "t5" else {})}
+    with torch.no_grad():
+        assert torch.equal(model(**kw).logits, base(**kw).logits)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+        assert not torch.allclose(model(**kw).logits, base(**kw).logits, atol=1e-4)
