@@ -138,8 +138,8 @@ class SparseAdapter(Head):
         return self.adapter.expected_trainable_parameters(model)
 
     def expected_unpruned_parameters(self, model: nn.Module) -> int:
-        """The "non-zero" count after pruning: ``round((1 - s) * sum 2dm)`` weights (global scope; per tensor when local) + the
-        dense rest (biases ``d + m`` per adapter, trained norms, a classifier's output layer)."""
+        """The "non-zero" count after pruning: ``round((1 - s) * sum 2dm)`` weights (global scope; per tensor
+        when local) + the dense rest (biases ``d + m`` per adapter, trained norms, a classifier's output layer)."""
         m, s = self.adapter.bottleneck, self.effective_sparsity
         widths = self._widths(model)
         if self.scope == "global":
