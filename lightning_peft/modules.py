@@ -206,6 +206,19 @@ class PeftModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.head.on_fit_start(self.model, int(self.trainer.estimated_stepping_batches))
 
+    def on_train_start(self) -> None:
+        """Hand the head the first ``head.calibration_batches(model)`` training batches, if it wants any
+        (see :meth:`Head.on_calibration_batches`; the train dataloader is set up only from this hook on)."""
+        wanted = int(self.head.calibration_batches(self.model))
+        if wanted <= 0:
+            return
+        batches = []
+        for batch in self.trainer.train_dataloader:
+            batches.append(self.trainer.strategy.batch_to_device(batch))
+            if len(batches) == wanted:
+                break
+        self.head.on_calibration_batches(self.model, batches, lambda b: self.loss_output(b).loss)
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         self.head.on_optimizer_step(self.model, int(self.trainer.global_step))

@@ -15,7 +15,16 @@ from helpers import batch_for, logits, train_steps
 import lightning_peft.heads as heads_package
 from lightning_peft import CausalLM, SequenceClassifier
 from lightning_peft.backbones import load_backbone
-from lightning_peft.heads import FullFineTune, Head, LoRA, PeftHead, Propulsion, ShareLoRA
+from lightning_peft.heads import (
+    BottleneckAdapter,
+    FullFineTune,
+    Head,
+    LoRA,
+    PeftHead,
+    Propulsion,
+    ShareLoRA,
+    SparseAdapter,
+)
 
 # module names per backbone: attention q/k/v, an FFN output layer
 NAMES = {
@@ -51,6 +60,11 @@ HEAD_CASES = {
                                "opt_projection_format_epsilon": 100.0}),
     "propulsion": lambda n: Propulsion(degree=15, targets="all"),
     "sharelora": lambda n: ShareLoRA(r=4, alpha=8, share="A", target_modules=[n["q"], n["v"]]),
+    "houlsby": lambda n: BottleneckAdapter(placement="houlsby", bottleneck=8),
+    "pfeiffer": lambda n: BottleneckAdapter(placement="pfeiffer", bottleneck=8),
+    # data-free criterion: pruned in on_fit_start, which the matrix's training loop calls
+    "sparseadapter": lambda n: SparseAdapter(base={"placement": "houlsby", "bottleneck": 8}, sparsity=0.5,
+                                             criterion="magnitude"),
 }
 # learning rate of the loss-falls test where the default 2e-2 does not suit the method
 LOSS_LR: dict[str, float] = {}

@@ -20,6 +20,7 @@ import contextlib
 import inspect
 import json
 import os
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -126,6 +127,20 @@ class Head:
 
     def on_optimizer_step(self, model: nn.Module, global_step: int) -> None:
         """Called after every optimizer step, while gradients are still present."""
+
+    def calibration_batches(self, model: nn.Module) -> int:
+        """How many training batches the head wants to see before the first optimizer step (0: none)."""
+        return 0
+
+    def on_calibration_batches(self, model: nn.Module, batches: list[dict[str, Any]],
+                               loss_fn: Callable[[dict[str, Any]], torch.Tensor]) -> None:
+        """Receives the first :meth:`calibration_batches` batches of the trainer's train dataloader (on the
+        model's device) and ``loss_fn(batch) -> loss`` (the module's objective through :meth:`forward`).
+
+        ``PeftModule.on_train_start`` calls it once per fit, after :meth:`on_fit_start` and after a resumed
+        checkpoint's :meth:`load_extra_state` (the train dataloader exists only from then on); it is
+        skipped when :meth:`calibration_batches` returns 0. E.g. SparseAdapter prunes on these batches.
+        """
 
     # ----------------------------------------------------------------- merge and state
     def merge(self, model: nn.Module) -> nn.Module:
