@@ -82,7 +82,7 @@ class HeadSpec:
             return f"{self.cls}({kwargs}) rejected its settings: {err}"
 
 
-ADAPTER = {"bottleneck": 64, "activation": "relu"}
+ADAPTER = {"bottleneck": 64}  # activation: the placement's default (Houlsby swish, Pfeiffer ReLU)
 HEADS: dict[str, HeadSpec] = {
     "lora": HeadSpec("LoRA", {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": "$QV"}, 2e-3,
                      "query/value as examples/minilm_sst2_lora.yaml"),
@@ -96,8 +96,8 @@ HEADS: dict[str, HeadSpec] = {
     "qgoft": HeadSpec("GOFT", {"variant": "quasi"}, 2e-3, "default targets"),
     "houlsby": HeadSpec("BottleneckAdapter", {"placement": "houlsby", **ADAPTER}, 1e-3, "m = 64"),
     "pfeiffer": HeadSpec("BottleneckAdapter", {"placement": "pfeiffer", **ADAPTER}, 1e-3, "m = 64"),
-    "sparseadapter": HeadSpec("SparseAdapter", {"base": {"placement": "pfeiffer", **ADAPTER}, "sparsity": 0.5,
-                                                "criterion": "snip"}, 1e-3, "Pfeiffer m = 64, SNIP 50%"),
+    "sparseadapter": HeadSpec("SparseAdapter", {"base": {"placement": "pfeiffer", **ADAPTER}, "sparsity": 0.4,
+                                                "criterion": "snip"}, 1e-3, "Pfeiffer m = 64, SNIP, keep 60% (paper)"),
 }
 
 
@@ -193,7 +193,7 @@ def train_and_eval(name: str, spec: HeadSpec, *, backbone: str = BACKBONE, data:
                                   test_file=str(data / "stsa.binary.test") if test else None,
                                   label_names=["negative", "positive"], max_length=max_length, batch_size=batch,
                                   eval_batch_size=eval_batch, seed=seed)
-    curve = _LossCurve()
+    curve = _LossCurve(every=50)
     trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=steps, max_epochs=-1, limit_val_batches=0,
                         gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[curve])
@@ -239,7 +239,8 @@ def train_and_eval(name: str, spec: HeadSpec, *, backbone: str = BACKBONE, data:
 class _LossCurve(L.Callback):
     """Records the objective's loss (``train/loss``) and the wall time of every training step."""
 
-    def __init__(self) -> None:
+    def __init__(self, every: int = 0) -> None:
+        self.every = every  # print the mean loss every this many steps (0: never)
         self.losses: list[float] = []
         self.steps: list[float] = []
         self._t = 0.0
@@ -253,6 +254,9 @@ class _LossCurve(L.Callback):
         if loss is None:
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(round(float(loss), 5))
+        if self.every and len(self.losses) % self.every == 0:
+            print(f"  step {len(self.losses)}: loss {statistics.fmean(self.losses[-self.every:]):.4f}, "
+                  f"{statistics.median(self.steps[-self.every:]):.2f} s/step", flush=True)
 
 
 # ----------------------------------------------------------------------------- tiny-llama step time
