@@ -306,7 +306,7 @@ def print_table(records: dict[str, dict[str, Any]], llama: dict[str, Any]) -> No
     base = llama.get("lora")
     base_med = statistics.median(base) if isinstance(base, list) and base else None
     print("| head | lr | dev acc | test acc | final train loss | trainable params | adapter file (KiB) | "
-          "train time (s) | MiniLM step (s) | peak memory (MiB) | tiny-llama step (ms) | tiny-llama / LoRA |")
+          "train time (s) | SST-2 step (s) | peak memory (MiB) | tiny-llama step (ms) | tiny-llama / LoRA |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, rec in records.items():
         ti, cfg = rec["train_info"], rec["run_info"]["train_config"]
