@@ -329,9 +329,17 @@ def print_table(records: dict[str, dict[str, Any]], llama: dict[str, Any]) -> No
 
 def child(args: argparse.Namespace) -> None:
     name = args.child
-    rec = train_and_eval(name, HEADS[name], backbone=args.backbone, data=Path(args.data), steps=args.steps,
-                         batch=args.batch, seed=args.seed, lr=_lr_overrides(args.lr).get(name),
-                         accelerator=args.accelerator, test=not args.no_test)
+    try:
+        rec = train_and_eval(name, HEADS[name], backbone=args.backbone, data=Path(args.data), steps=args.steps,
+                             batch=args.batch, seed=args.seed, lr=_lr_overrides(args.lr).get(name),
+                             accelerator=args.accelerator, test=not args.no_test)
+    except Exception as err:  # one head's failure is a row of the table, not the end of the run
+        import traceback
+
+        traceback.print_exc()
+        lr = _lr_overrides(args.lr).get(name, HEADS[name].lr)
+        rec = {"run_info": {"experiment_name": name, "train_config": {"optimizer_kwargs": {"lr": lr}},
+                            "error_msg": f"{type(err).__name__}: {err}"}, "train_info": {"status": "failed"}}
     rec["meta_info"] = meta_info()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"{name}.json").write_text(json.dumps(rec, indent=2))
@@ -384,8 +392,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         records[name] = json.loads(path.read_text())
         ti = records[name]["train_info"]
-        if ti["status"] == "skipped":
-            print(f"note: skipped {name}: {records[name]['run_info']['error_msg']}")
+        if ti["status"] != "success":
+            print(f"note: {ti['status']} {name}: {records[name]['run_info']['error_msg']}")
         else:
             print(f"{name}: dev acc {ti['dev_accuracy']:.4f} in {time.perf_counter() - t0:.0f} s", flush=True)
     llama: dict[str, Any] = {}
