@@ -15,7 +15,7 @@ from helpers import batch_for, logits, train_steps
 import lightning_peft.heads as heads_package
 from lightning_peft import CausalLM, SequenceClassifier
 from lightning_peft.backbones import load_backbone
-from lightning_peft.heads import FullFineTune, Head, LoRA, PeftHead
+from lightning_peft.heads import GOFT, FullFineTune, Head, LoRA, PeftHead
 
 # module names per backbone: attention q/k/v, an FFN output layer
 NAMES = {
@@ -49,6 +49,8 @@ HEAD_CASES = {
     # ball is too small to move the loss, so the matrix widens it
     "cpt": lambda n: PeftHead({"peft_type": "CPT", "cpt_token_ids": [5, 6, 7, 8], "opt_projection_epsilon": 100.0,
                                "opt_projection_format_epsilon": 100.0}),
+    "goft": lambda n: GOFT(variant="strict"),
+    "qgoft": lambda n: GOFT(variant="quasi", target_modules=[n["q"], n["k"], n["v"]], orth_lambda=0.01),
 }
 # learning rate of the loss-falls test where the default 2e-2 does not suit the method
 LOSS_LR: dict[str, float] = {}
