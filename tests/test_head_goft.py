@@ -12,7 +12,15 @@ import math
 
 import pytest
 import torch
-from helpers import causal_batch, class_batch, cpu_threads, logits, train_steps
+from helpers import (
+    causal_batch,
+    class_batch,
+    cpu_threads,
+    fit_interrupted_and_whole,
+    logits,
+    train_steps,
+    trainable_state,
+)
 from torch import nn
 
 from lightning_peft import CausalLM, SequenceClassifier
@@ -117,7 +125,7 @@ def test_fast_path_equals_dense_rotation(variant, d):
         torch.testing.assert_close(layer(x), x @ (w @ r.T).T + b, rtol=0, atol=1e-12)  # W_eff = W Rᵀ
 
 
-def test_fast_path_is_vectorised_one_index_copy_per_stage():
+def test_fast_path_is_vectorised_one_addcmul_per_stage():
     from torch.profiler import ProfilerActivity, profile
 
     layer = _layer(1000, "quasi")
@@ -125,7 +133,7 @@ def test_fast_path_is_vectorised_one_index_copy_per_stage():
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         layer.rotate(x)
     counts = {e.key: e.count for e in prof.key_averages()}
-    assert counts.get("aten::index_copy") == len(givens_schedule(1000)) == 10  # not one per pair (999)
+    assert counts.get("aten::addcmul") == len(givens_schedule(1000)) == 10  # not one per pair (999)
 
 
 # ---------------------------------------------------------------------------------------------- on a model
@@ -341,3 +349,24 @@ def test_classifier_trains_and_its_layers_are_never_rotated():
     assert module.trainable_parameters() == module.expected_trainable_parameters
     losses = train_steps(module, class_batch(), steps=3)
     assert all(math.isfinite(v) for v in losses)
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def test_trainer_checkpoint_resumes_exactly(tmp_path):
+    """qGOFT (regulariser on) under the Trainer: 4 steps, checkpoint, resume to 6 == 6 steps in one go."""
+    from lightning_peft.datamodules import SyntheticSFTDataModule
+
+    def build():
+        module = CausalLM(backbone="tiny-llama", head=GOFT(variant="quasi", target_modules="attention"))
+        module.set_optimizer("torch.optim.AdamW", lr=1e-2)
+        return module
+
+    def data():
+        return SyntheticSFTDataModule(task="copy", num_digits=3, num_train=32, num_val=4, batch_size=8, seed=0)
+
+    (whole, _), (resumed, _) = fit_interrupted_and_whole(build, data, tmp_path, total=6, cut=4)
+    a, b = trainable_state(whole), trainable_state(resumed)
+    assert a.keys() == b.keys() and any("goft_blocks" in n for n in a)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+    assert any(not torch.equal(a[n], v) for n, v in trainable_state(build()).items())

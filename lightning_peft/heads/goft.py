@@ -20,9 +20,10 @@ diagonal for the ``scaled`` variant and the identity otherwise. Variants:
   :meth:`GOFT.regularization_loss`; column norms are deliberately free.
 
 Every block is the identity at init (θ = 0, free blocks = I, D = 1), so the attached model equals the
-backbone exactly. Training never builds a d x d matrix: each stage is one gather of the paired
-coordinates, an elementwise 2x2 update and one ``index_copy`` (the official v2 "Hadamard" path), so
-the cost is O(T·d·log d). Merging builds ``R`` densely once and folds ``W ← W Rᵀ`` (bias unchanged).
+backbone exactly. Training never builds a d x d matrix: each stage is elementwise (the official v2
+"Hadamard" path), ``x_new = x ⊙ c1 + x[partner] ⊙ c2`` with one gather of each coordinate's partner in
+that stage and per-coordinate coefficients gathered from the blocks, so the cost is O(T·d·log d) in
+``⌈log₂ d⌉`` vectorised steps. Merging builds ``R`` densely once and folds ``W ← W Rᵀ`` (bias unchanged).
 
 Proposals (spec ``qgoft.md`` §11): ``θ = π·tanh(t)`` with raw parameter ``t`` (the official code's
 bound; the paper uses a raw angle: ``bounded_angle=False`` gives that parity), and the rotation sits on
@@ -93,10 +94,28 @@ class GivensLinear(nn.Module):
             self.goft_theta = nn.Parameter(torch.zeros(d - 1, **kw))
         if variant == "scaled":
             self.goft_scale = nn.Parameter(torch.ones(d, **kw))
-        self.stage_sizes = []
-        for s, (p, q) in enumerate(givens_schedule(d)):
-            self.stage_sizes.append(len(p))
-            self.register_buffer(f"goft_idx{s}", torch.tensor(p + q, device=weight.device), persistent=False)
+        # Per stage s and coordinate i: the partner coordinate (itself when unpaired) and where the two
+        # coefficients of ``x_new[i] = x[i]·c1 + x[partner]·c2`` sit in ``cat(blocks.flatten(), [1, 0])``.
+        stages = givens_schedule(d)
+        one, zero = 4 * (d - 1), 4 * (d - 1) + 1
+        partner = [list(range(d)) for _ in stages]
+        map1, map2 = [[one] * d for _ in stages], [[zero] * d for _ in stages]
+        k = 0
+        for s, (ps, qs) in enumerate(stages):
+            for p, q in zip(ps, qs):  # block k = [[a, b], [c, e]] at flat 4k .. 4k+3
+                partner[s][p], partner[s][q] = q, p
+                map1[s][p], map2[s][p] = 4 * k, 4 * k + 2  # (x P)_p = a x_p + c x_q
+                map1[s][q], map2[s][q] = 4 * k + 3, 4 * k + 1  # (x P)_q = e x_q + b x_p
+                k += 1
+        self.num_stages = len(stages)
+        self.stage_sizes = [len(p) for p, _ in stages]
+        for s, (ps, qs) in enumerate(stages):  # used by :meth:`dense` (merge), not by the forward
+            self.register_buffer(f"goft_idx{s}", torch.tensor(ps + qs, device=weight.device), persistent=False)
+        self.register_buffer("goft_partner", torch.tensor(partner, device=weight.device).view(-1, d),
+                             persistent=False)
+        self.register_buffer("goft_map", torch.tensor([map1, map2], device=weight.device).view(2, -1, d),
+                             persistent=False)
+        self.register_buffer("goft_one_zero", torch.tensor([1.0, 0.0], **kw), persistent=False)
         self.in_features = d
 
     def get_base_layer(self) -> nn.Module:
@@ -126,14 +145,13 @@ class GivensLinear(nn.Module):
             start += m
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ R`` over the last dimension, stage by stage (no d x d matrix): ``x P_S ⋯ P_1 D``."""
-        for idx, blk in reversed(list(self.stages())):
-            m = blk.shape[0]
-            xp, xq = x[..., idx[:m]], x[..., idx[m:]]
-            # (x P)_p = a x_p + c x_q, (x P)_q = b x_p + d x_q for the block [[a, b], [c, d]] at (p, q)
-            new_p = xp * blk[:, 0, 0] + xq * blk[:, 1, 0]
-            new_q = xp * blk[:, 0, 1] + xq * blk[:, 1, 1]
-            x = x.index_copy(-1, idx, torch.cat([new_p, new_q], -1))
+        """``x @ R`` over the last dimension, ``x P_S ⋯ P_1 D``, without a d x d matrix: per stage one gather
+        of the partners and one ``addcmul`` (``x_new = x·c1 + x[partner]·c2``); no loop over pairs."""
+        blocks = self.blocks().reshape(-1)
+        flat = torch.cat([blocks, self.goft_one_zero.to(blocks.dtype)])
+        c1, c2 = flat[self.goft_map]  # (S, d) each: block entries, 1 and 0 where a coordinate is unpaired
+        for s in reversed(range(self.num_stages)):
+            x = torch.addcmul(x * c1[s], x.index_select(-1, self.goft_partner[s]), c2[s])
         if self.variant == "scaled":
             x = x * self.goft_scale
         return x
@@ -173,7 +191,7 @@ class GivensLinear(nn.Module):
         return self.base_layer(self.rotate(x.to(dtype)).to(x.dtype), *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"variant={self.variant!r}, d={self.in_features}, stages={len(self.stage_sizes)}"
+        return f"variant={self.variant!r}, d={self.in_features}, stages={self.num_stages}"
 
 
 def givens_layers(model: nn.Module) -> list[GivensLinear]:
