@@ -20,10 +20,10 @@ diagonal for the ``scaled`` variant and the identity otherwise. Variants:
   :meth:`GOFT.regularization_loss`; column norms are deliberately free.
 
 Every block is the identity at init (θ = 0, free blocks = I, D = 1), so the attached model equals the
-backbone exactly. Training never builds a d x d matrix: each stage is elementwise (the official v2
-"Hadamard" path), ``x_new = x ⊙ c1 + x[partner] ⊙ c2`` with one gather of each coordinate's partner in
-that stage and per-coordinate coefficients gathered from the blocks, so the cost is O(T·d·log d) in
-``⌈log₂ d⌉`` vectorised steps. Merging builds ``R`` densely once and folds ``W ← W Rᵀ`` (bias unchanged).
+backbone exactly. Training never builds a d x d matrix: each stage is one elementwise 2x2 update of all
+its pairs at once (the official v2 "Hadamard" path) on contiguous slices of a once-permuted input
+(:func:`_fast_layout`); ``⌈log₂ d⌉`` vectorised steps whose sizes double, O(T·d) in all.
+Merging builds ``R`` densely once and folds ``W ← W Rᵀ`` (bias unchanged).
 
 Proposals (spec ``qgoft.md`` §11): ``θ = π·tanh(t)`` with raw parameter ``t`` (the official code's
 bound; the paper uses a raw angle: ``bounded_angle=False`` gives that parity), and the rotation sits on
@@ -74,6 +74,30 @@ def _in_features(module: nn.Module) -> int | None:
     return None
 
 
+def _fast_layout(d: int, stage_sizes: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Index tables of :meth:`GivensLinear.rotate`: ``(perm, unperm, coef)``.
+
+    Stage ``s`` (``step = 2^(s-1)``) pairs ``p`` with ``q = p + step``. Walking from the coarsest stage
+    down, ``reached`` lists the coordinates updated so far in their in-memory order, with the stage's
+    ``p``'s first and an unpaired leftover last; the stage's ``q``'s are laid out to match. ``perm`` puts
+    ``x`` in the order ``[0, q's of stage S, …, q's of stage 1]``, ``unperm`` undoes the final order, and
+    ``coef[i]`` is the block (in schedule order) that the ``i``-th pair processed uses.
+    """
+    offsets = [sum(stage_sizes[:s]) for s in range(len(stage_sizes))]
+    reached, perm, coef = [0], [0], []
+    for s in reversed(range(len(stage_sizes))):
+        m, step = stage_sizes[s], 2 ** s
+        ps = reached[:m]
+        qs = [p + step for p in ps]
+        perm += qs
+        coef += [offsets[s] + p // (2 * step) for p in ps]
+        reached = ps + qs + reached[m:]
+    unperm = [0] * d
+    for position, coordinate in enumerate(reached):
+        unperm[coordinate] = position
+    return perm, unperm, coef
+
+
 # ---------------------------------------------------------------------------------------------- layer
 class GivensLinear(nn.Module):
     """A frozen Linear (or GPT-2 ``Conv1D``) whose input is multiplied by ``R`` (row form ``x @ R``)."""
@@ -94,28 +118,14 @@ class GivensLinear(nn.Module):
             self.goft_theta = nn.Parameter(torch.zeros(d - 1, **kw))
         if variant == "scaled":
             self.goft_scale = nn.Parameter(torch.ones(d, **kw))
-        # Per stage s and coordinate i: the partner coordinate (itself when unpaired) and where the two
-        # coefficients of ``x_new[i] = x[i]·c1 + x[partner]·c2`` sit in ``cat(blocks.flatten(), [1, 0])``.
         stages = givens_schedule(d)
-        one, zero = 4 * (d - 1), 4 * (d - 1) + 1
-        partner = [list(range(d)) for _ in stages]
-        map1, map2 = [[one] * d for _ in stages], [[zero] * d for _ in stages]
-        k = 0
-        for s, (ps, qs) in enumerate(stages):
-            for p, q in zip(ps, qs):  # block k = [[a, b], [c, e]] at flat 4k .. 4k+3
-                partner[s][p], partner[s][q] = q, p
-                map1[s][p], map2[s][p] = 4 * k, 4 * k + 2  # (x P)_p = a x_p + c x_q
-                map1[s][q], map2[s][q] = 4 * k + 3, 4 * k + 1  # (x P)_q = e x_q + b x_p
-                k += 1
-        self.num_stages = len(stages)
         self.stage_sizes = [len(p) for p, _ in stages]
+        self.num_stages = len(stages)
         for s, (ps, qs) in enumerate(stages):  # used by :meth:`dense` (merge), not by the forward
             self.register_buffer(f"goft_idx{s}", torch.tensor(ps + qs, device=weight.device), persistent=False)
-        self.register_buffer("goft_partner", torch.tensor(partner, device=weight.device).view(-1, d),
-                             persistent=False)
-        self.register_buffer("goft_map", torch.tensor([map1, map2], device=weight.device).view(2, -1, d),
-                             persistent=False)
-        self.register_buffer("goft_one_zero", torch.tensor([1.0, 0.0], **kw), persistent=False)
+        perm, unperm, coef = _fast_layout(d, self.stage_sizes)
+        for name, values in (("goft_perm", perm), ("goft_unperm", unperm), ("goft_coef", coef)):
+            self.register_buffer(name, torch.tensor(values, dtype=torch.long, device=weight.device), persistent=False)
         self.in_features = d
 
     def get_base_layer(self) -> nn.Module:
@@ -145,16 +155,27 @@ class GivensLinear(nn.Module):
             start += m
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ R`` over the last dimension, ``x P_S ⋯ P_1 D``, without a d x d matrix: per stage one gather
-        of the partners and one ``addcmul`` (``x_new = x·c1 + x[partner]·c2``); no loop over pairs."""
-        blocks = self.blocks().reshape(-1)
-        flat = torch.cat([blocks, self.goft_one_zero.to(blocks.dtype)])
-        c1, c2 = flat[self.goft_map]  # (S, d) each: block entries, 1 and 0 where a coordinate is unpaired
-        for s in reversed(range(self.num_stages)):
-            x = torch.addcmul(x * c1[s], x.index_select(-1, self.goft_partner[s]), c2[s])
+        """``x @ R = x P_S ⋯ P_1 D`` over the last dimension, without a d x d matrix or a loop over pairs.
+
+        One gather lays the coordinates out as ``[0 | q's of stage S | … | q's of stage 1]`` (see
+        :func:`_fast_layout`); then, coarsest stage first, all pairs of a stage are updated at once:
+        ``e`` holds the coordinates already reached, its first ``m`` entries are the stage's ``p``'s and
+        the next contiguous piece its ``q``'s, and ``e ← [a p + c q, b p + d q, leftover]``. A last gather
+        restores the natural order. Sizes double per stage: O(T·d) work in ``⌈log₂ d⌉`` steps."""
+        blocks = self.blocks()[self.goft_coef]  # the blocks in the order the stages consume them
+        pieces = torch.split(x.index_select(-1, self.goft_perm), [1, *self.stage_sizes[::-1]], dim=-1)
+        e, start = pieces[0], 0
+        for q, m in zip(pieces[1:], self.stage_sizes[::-1]):
+            blk, start = blocks[start:start + m], start + m
+            p = e[..., :m]
+            # (x P)_p = a x_p + c x_q and (x P)_q = b x_p + d x_q for the block [[a, b], [c, d]] at (p, q)
+            new_p = torch.addcmul(p * blk[:, 0, 0], q, blk[:, 1, 0])
+            new_q = torch.addcmul(p * blk[:, 0, 1], q, blk[:, 1, 1])
+            e = torch.cat([new_p, new_q, e[..., m:]], -1)  # an odd leftover stays last
+        e = e.index_select(-1, self.goft_unperm)
         if self.variant == "scaled":
-            x = x * self.goft_scale
-        return x
+            e = e * self.goft_scale
+        return e
 
     def dense(self) -> torch.Tensor:
         """``R = P_S ⋯ P_1 D`` as a d x d matrix (float64), built by left-multiplying row updates."""
