@@ -163,7 +163,9 @@ class GivensLinear(nn.Module):
         the next contiguous piece its ``q``'s, and ``e ← [a p + c q, b p + d q, leftover]``. A last gather
         restores the natural order. Sizes double per stage: O(T·d) work in ``⌈log₂ d⌉`` steps."""
         blocks = self.blocks()[self.goft_coef]  # the blocks in the order the stages consume them
-        pieces = torch.split(x.index_select(-1, self.goft_perm), [1, *self.stage_sizes[::-1]], dim=-1)
+        shape = x.shape  # gathers along dim 1 of a 2-D view are several times faster than along the last of 3
+        x = x.reshape(-1, shape[-1]).index_select(1, self.goft_perm)
+        pieces = torch.split(x, [1, *self.stage_sizes[::-1]], dim=-1)
         e, start = pieces[0], 0
         for q, m in zip(pieces[1:], self.stage_sizes[::-1]):
             blk, start = blocks[start:start + m], start + m
@@ -172,7 +174,7 @@ class GivensLinear(nn.Module):
             new_p = torch.addcmul(p * blk[:, 0, 0], q, blk[:, 1, 0])
             new_q = torch.addcmul(p * blk[:, 0, 1], q, blk[:, 1, 1])
             e = torch.cat([new_p, new_q, e[..., m:]], -1)  # an odd leftover stays last
-        e = e.index_select(-1, self.goft_unperm)
+        e = e.index_select(1, self.goft_unperm).reshape(shape)
         if self.variant == "scaled":
             e = e * self.goft_scale
         return e
