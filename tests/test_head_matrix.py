@@ -16,6 +16,7 @@ import lightning_peft.heads as heads_package
 from lightning_peft import CausalLM, SequenceClassifier
 from lightning_peft.backbones import load_backbone
 from lightning_peft.heads import (
+    GOFT,
     BottleneckAdapter,
     FullFineTune,
     Head,
@@ -65,6 +66,8 @@ HEAD_CASES = {
     # data-free criterion: pruned in on_fit_start, which the matrix's training loop calls
     "sparseadapter": lambda n: SparseAdapter(base={"placement": "houlsby", "bottleneck": 8}, sparsity=0.5,
                                              criterion="magnitude"),
+    "goft": lambda n: GOFT(variant="strict"),
+    "qgoft": lambda n: GOFT(variant="quasi", target_modules=[n["q"], n["k"], n["v"]], orth_lambda=0.01),
 }
 # learning rate of the loss-falls test where the default 2e-2 does not suit the method
 LOSS_LR: dict[str, float] = {}
