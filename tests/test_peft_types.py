@@ -50,3 +50,22 @@ def _linears(model, targets):
     from lightning_peft.heads.lora import targeted_linears
 
     return targeted_linears(model, targets)
+
+
+def test_formulas_follow_peft_default_targets_when_none_are_given():
+    """Without ``target_modules`` peft picks per-architecture defaults (IA3 on Llama: k, v, down; LoRA: q, v);
+    the formula reads what peft resolved instead of failing on ``None`` (it raised TypeError) or guessing."""
+    import pytest
+
+    from lightning_peft import SequenceClassifier
+
+    cases = [(CausalLM, "tiny-llama", {"peft_type": "IA3"}), (CausalLM, "tiny-llama", {"peft_type": "LORA", "r": 4}),
+             (SequenceClassifier, "tiny-bert", {"peft_type": "IA3"})]
+    for cls, backbone, config in cases:
+        module = cls(backbone, head=PeftHead(config))
+        actual = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+        assert module.expected_trainable_parameters == actual, (backbone, config)
+    # a wrong guess ("all-linear") would count the MLP's gate and up projections for IA3 too
+    llama = CausalLM("tiny-llama", head=PeftHead({"peft_type": "IA3"}))
+    targeted = sorted(llama.model.peft_config["default"].target_modules)
+    assert targeted == sorted(["k_proj", "v_proj", "down_proj"]), pytest.fail(f"peft default changed: {targeted}")

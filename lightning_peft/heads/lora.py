@@ -40,9 +40,16 @@ def targeted_linears(model: nn.Module, target_modules: list[str] | str) -> list[
             if module is out_emb or name.split(".")[0] in skip or leaf in skip:
                 continue
             found.append((name, *shape))
-        elif leaf in target_modules or name in target_modules:
+        elif matches_target(name, target_modules):
             found.append((name, *shape))
     return found
+
+
+def matches_target(name: str, targets: list[str] | str) -> bool:
+    """peft's rule for a list of names: the module's full name equals one, or ends with ``"." + one``
+    (so ``output.dense`` selects every ``....output.dense``)."""
+    targets = [targets] if isinstance(targets, str) else targets
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 class LoRA(PeftBackedHead):

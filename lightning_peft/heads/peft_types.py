@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lightning_peft import architectures as A
-from lightning_peft.heads.lora import targeted_linears
+from lightning_peft.heads.lora import matches_target, targeted_linears
 
 #: peft_type -> the class holding its specifics (filled by ``@register``)
 PEFT_TYPES: dict[str, type[PeftType]] = {}
@@ -104,6 +104,19 @@ class PeftType:
         """Trainable parameters the method adds (classifier output layers are counted by ``PeftHead``)."""
         return None
 
+    def field(self, model: nn.Module, key: str) -> Any:
+        """The user's ``key``; when left out, peft's per-architecture default for ``target_modules`` /
+        ``feedforward_modules`` (the public ``peft.utils.TRANSFORMERS_MODELS_TO_<TYPE>_..._MAPPING`` tables,
+        keyed by ``model_type``), which is what peft will attach to."""
+        value = self.fields.get(key)
+        if value is None and key in ("target_modules", "feedforward_modules"):
+            import peft.utils
+
+            kind = "TARGET_MODULES" if key == "target_modules" else "FEEDFORWARD_MODULES"
+            table = getattr(peft.utils, f"TRANSFORMERS_MODELS_TO_{self.peft_type}_{kind}_MAPPING", {})
+            value = table.get(getattr(getattr(model, "config", None), "model_type", None))
+        return sorted(value) if isinstance(value, set) else value
+
     # hooks, with the meaning of the same-named ``Head`` methods
     def disabled(self, model: nn.Module) -> Any:
         """A context that switches this type off, or None for the default (peft's adapter layers bypassed)."""
@@ -154,7 +167,7 @@ class LoraType(AdapterType):
         f = self.fields
         r = f.get("r", 8)
         return sum(r * (d_in + d_out) + (d_out if f.get("use_dora") else 0)
-                   for _, d_in, d_out in targeted_linears(model, f.get("target_modules") or "all-linear"))
+                   for _, d_in, d_out in targeted_linears(model, self.field(model, "target_modules") or "all-linear"))
 
 
 @register("IA3")
@@ -162,9 +175,9 @@ class IA3Type(AdapterType):
     """(IA)^3 (Liu et al., 2022): one scale per input feature of FFN layers, per output feature elsewhere."""
 
     def formula(self, model: nn.Module) -> int:
-        ff = set(self.fields.get("feedforward_modules") or [])
-        return sum(d_in if name.rsplit(".", 1)[-1] in ff else d_out
-                   for name, d_in, d_out in targeted_linears(model, self.fields.get("target_modules")))
+        ff = list(self.field(model, "feedforward_modules") or [])
+        return sum(d_in if matches_target(name, ff) else d_out
+                   for name, d_in, d_out in targeted_linears(model, self.field(model, "target_modules")))
 
 
 @register("VERA")
@@ -173,7 +186,7 @@ class VeraType(AdapterType):
 
     def formula(self, model: nn.Module) -> int:
         r = self.fields.get("r", 256)
-        return sum(d_out + r for _, _, d_out in targeted_linears(model, self.fields.get("target_modules")))
+        return sum(d_out + r for _, _, d_out in targeted_linears(model, self.field(model, "target_modules")))
 
 
 @register("OFT")
@@ -182,7 +195,7 @@ class OftType(AdapterType):
 
     def formula(self, model: nn.Module) -> int:
         total = 0
-        for _, d_in, _ in targeted_linears(model, self.fields.get("target_modules")):
+        for _, d_in, _ in targeted_linears(model, self.field(model, "target_modules")):
             r, b = self.fields.get("r", 0), self.fields.get("oft_block_size", 32)
             n, b = (r, d_in // r) if r else (d_in // b, b)
             total += n * b * (b - 1) // 2
@@ -198,7 +211,7 @@ class BoftType(AdapterType):
         # peft falls back to one butterfly factor when its CUDA extension is unavailable
         factor = f.get("boft_n_butterfly_factor", 1) if torch.cuda.is_available() else 1
         total = 0
-        for _, d_in, d_out in targeted_linears(model, f.get("target_modules")):
+        for _, d_in, d_out in targeted_linears(model, self.field(model, "target_modules")):
             b = f.get("boft_block_size") or d_in // f["boft_block_num"]
             total += factor * (d_in // b) * b * b + d_out
         return total

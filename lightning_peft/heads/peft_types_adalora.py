@@ -32,7 +32,7 @@ class AdaLoraType(AdapterType):
 
     def formula(self, model: nn.Module) -> int:
         r = self.fields.get("init_r", 12)
-        targets = self.fields.get("target_modules")
+        targets = self.field(model, "target_modules")
         return sum(r * (d_in + d_out) + r for _, d_in, d_out in targeted_linears(model, targets))
 
     def on_fit_start(self, model: nn.Module, total_steps: int) -> None:
