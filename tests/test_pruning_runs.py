@@ -52,7 +52,7 @@ def test_datamodule_binds_context_registers_selector_and_relays_epoch_end(module
 
     pruner = Recorder()
     dm = SyntheticSFTDataModule(task="copy", num_digits=3, num_train=16, num_val=4, batch_size=4, pruner=pruner)
-    trainer = SimpleNamespace(training=True, lightning_module=module, global_step=7, current_epoch=2,
+    trainer = SimpleNamespace(training=True, lightning_module=module, global_step=15, current_epoch=2,
                               num_training_batches=11, accumulate_grad_batches=2, precision="bf16-mixed",
                               precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext))
     dm.trainer = trainer
@@ -63,8 +63,10 @@ def test_datamodule_binds_context_registers_selector_and_relays_epoch_end(module
         module.token_selector = None
     ctx = seen[0][1]
     assert (ctx.module, ctx.global_step, ctx.epoch, ctx.num_training_batches, ctx.accumulate_grad_batches,
-            ctx.precision, ctx.forward_context) == (module, 7, 2, 11, 2, "bf16-mixed", contextlib.nullcontext)
-    assert pruner.gamma_at() == 0.5  # read from the bound context: step 7 is past ceil(0.2 * 11 / 2) = 2
+            ctx.precision, ctx.forward_context) == (module, 15, 2, 11, 2, "bf16-mixed", contextlib.nullcontext)
+    # read from the bound context: epoch 2 starts at step 2 * ceil(11 / 2) = 12, so step 15 is the epoch's step 3,
+    # past the warm-up of ceil(0.2 * 11 / 2) = 2 steps (the warm-up restarts every epoch)
+    assert pruner.gamma_at() == 0.5
     dm.notify_train_epoch_end()
     assert seen[1] == ("epoch_end", trainer)
 
