@@ -94,8 +94,8 @@ def test_fast_route_holds_no_merged_copy_of_the_model(targets):
     assert len(sizes) >= 28 and sum(sizes) > 8 * max(sizes)  # the test can tell one weight from all of them
     with LiveStorageBytes() as mode:
         loss, ent = score_tokens(module, batch, pos)
-    # old code: every merged weight alive at once (>= sum(sizes)); a per-layer scheme: about one weight
-    assert mode.peak < max(sizes), (mode.peak, max(sizes), sum(sizes))
+    # old code: every merged weight alive at once (>= sum(sizes)); per layer: one merged weight + activations
+    assert mode.peak < 2 * max(sizes), (mode.peak, max(sizes), sum(sizes))
     assert module.training  # the mode is restored
     # and the values are the module's plain eval-mode forward
     module.eval()
@@ -125,3 +125,26 @@ def test_fast_route_runs_with_lora_dropout_off():
     assert not torch.allclose(train_loss, ref_loss, rtol=1e-3)
     torch.testing.assert_close(first[0], ref_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(first[1], ref_ent, rtol=1e-5, atol=1e-5)
+
+
+def test_on_the_fly_merge_leaves_no_patched_forward_and_equals_the_adapter_path():
+    """After the pass every LoRA layer has its class ``forward`` back, and the merged product equals the
+    adapter path ``W x + s B (A x)`` computed by peft itself (eval mode) at every adapted layer."""
+    from lightning_peft.datamodules.pruning.scoring import _merged_one_layer_at_a_time
+
+    torch.manual_seed(0)
+    module = _randomised(CausalLM(backbone="tiny-llama", head=LoRA(r=4, alpha=8, target_modules="all-linear")))
+    module.eval()
+    layers = fast_parts(module, padded_batch(module.tokenizer, seed=1))[2]
+    x = torch.randn(3, 5, layers[0].in_features)
+    with torch.no_grad():
+        want = layers[0](x)
+        with _merged_one_layer_at_a_time(layers):
+            assert all("forward" in layer.__dict__ for layer in layers)
+            got = layers[0](x)
+            with module.model.disable_adapter():  # switched off meanwhile: the base layer alone
+                base = layers[0](x)
+    assert all("forward" not in layer.__dict__ for layer in layers)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(base, layers[0].base_layer(x))
+    assert not torch.allclose(base, want, atol=1e-4)  # the adapter really moves the output
