@@ -131,28 +131,13 @@ def fast_parts(module: Any, batch: dict[str, Any]) -> tuple[nn.Module, nn.Module
     head = getattr(module, "head", None)
     if model is None or head is None or head.forward_inputs(batch):
         return None
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover
-        PeftModel = ()  # noqa: N806
-    if isinstance(model, PeftModel):
-        if model.active_peft_config.is_prompt_learning:
-            return None
-        model = model.get_base_model()
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in FAST_MODEL_TYPES:
-        return None
-    body = base_model(model)  # the table's body and LM head
-    if body is model:  # a bare base model has no LM head to apply
-        return None
-    try:
-        head_linear = lm_head(model)
-    except UnsupportedArchitecture:  # e.g. a sequence classifier of a decoder family
+    parts = lm_parts(model)
+    if parts is None:
         return None
     layers = _lora_layers(model)
     if layers is None:
         return None
-    return body, head_linear, layers
+    return (*parts, layers)
 
 
 @contextlib.contextmanager
@@ -196,25 +181,35 @@ def _fast_stats(module: Any, parts, batch: dict[str, Any], positions: torch.Tens
     merged on the fly while it runs (:func:`_merged_one_layer_at_a_time`): one weight-sized tensor at a time."""
     body, lm_head, layers = parts
     labels = batch["labels"]
-    b, s = labels.shape
-    loss = torch.zeros(b, s, dtype=torch.float32, device=labels.device)
+    loss = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     ent = torch.zeros_like(loss)
-    need = positions[:, 1:]  # hidden position t-1 predicts label t
+    with _merged_one_layer_at_a_time(layers):
+        found = _needed_hidden(body, batch, positions[:, 1:])  # hidden position t-1 predicts label t
+    if found is None:
+        return loss, ent
+    rows, targets, need, width = found
+    vocab = int(getattr(lm_head, "out_features", 0) or lm_head.weight.shape[0])
+    ce, h = _chunked(rows, targets, lm_head, vocab)
+    loss[:, 1 : width + 1][need] = ce
+    ent[:, 1 : width + 1][need] = h
+    return loss, ent
+
+
+def _needed_hidden(body: nn.Module, batch: dict[str, Any], need: torch.Tensor):
+    """Run the decoder ``body`` on the columns up to the last needed one and return ``(rows, targets, need,
+    width)``: the hidden states where ``need`` (label-aligned: ``need[:, t]`` marks label ``t + 1``) is set,
+    their labels, and ``need`` cut to those ``width`` columns; None when nothing is needed. Shared by the
+    pruners' scoring pass and SSToken's history pass."""
     cols = need.any(0).nonzero()
     if cols.numel() == 0:
-        return loss, ent
+        return None
     width = int(cols.max()) + 1
     inputs = {"input_ids": batch["input_ids"][:, :width], "use_cache": False}
     if batch.get("attention_mask") is not None:
         inputs["attention_mask"] = batch["attention_mask"][:, :width]
-    with _merged_one_layer_at_a_time(layers):
-        hidden = body(**inputs).last_hidden_state
-    vocab = int(getattr(lm_head, "out_features", 0) or lm_head.weight.shape[0])
-    rows = need[:, :width]
-    ce, h = _chunked(hidden[rows], labels[:, 1 : width + 1][rows], lm_head, vocab)
-    loss[:, 1 : width + 1][rows] = ce
-    ent[:, 1 : width + 1][rows] = h
-    return loss, ent
+    hidden = body(**inputs).last_hidden_state
+    need = need[:, :width]
+    return hidden[need], batch["labels"][:, 1 : width + 1][need], need, width
 
 
 #: accepted values of a scoring pass's ``precision`` (None: the trainer's training precision)
@@ -331,21 +326,13 @@ def lm_token_losses(model: nn.Module, batch: dict[str, Any], positions: torch.Te
         return None
     body, head = parts
     labels = batch["labels"]
-    b, s = labels.shape
-    loss = torch.zeros(b, s, dtype=torch.float32, device=labels.device)
+    loss = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     if positions is None:
         positions = labels != -100
-    need = positions[:, 1:] & (labels[:, 1:] != -100)  # hidden position t-1 predicts label t
-    cols = need.any(0).nonzero()
-    if cols.numel() == 0:
+    found = _needed_hidden(body, batch, positions[:, 1:] & (labels[:, 1:] != -100))
+    if found is None:
         return loss
-    width = int(cols.max()) + 1
-    inputs = {"input_ids": batch["input_ids"][:, :width], "use_cache": False}
-    if batch.get("attention_mask") is not None:
-        inputs["attention_mask"] = batch["attention_mask"][:, :width]
-    hidden = body(**inputs).last_hidden_state
-    need = need[:, :width]
-    rows, targets = hidden[need], labels[:, 1 : width + 1][need]
+    rows, targets, need, width = found
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 1)
     step = max(1, CHUNK_ELEMENTS // vocab)
     ces = [per_token_cross_entropy(head(rows[i : i + step]), targets[i : i + step])
